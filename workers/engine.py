@@ -1,0 +1,98 @@
+"""The single-device Hogwild engine: many rows (workers) stepping over one shared block store."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from cache_service.errors import ConfigError, LayoutError
+from cache_service.kv_store import KVStore
+from cache_service.layout import View
+from cache_service.planner import DIRECT_MIN_TOKENS, Mode, Row, plan_step
+from workers.hook import Exchange, StepContext
+from workers.model import LoadedModel
+
+Step = tuple[View, Sequence[int]]  # (view, new tokens written to view.target)
+
+
+class HogwildEngine:
+    """Owns one model replica and its KV store; every method is one step of the contract."""
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        *,
+        mode: Mode | str = Mode.INSTANT,
+        capacity: int = 4096,
+        direct_min: int = DIRECT_MIN_TOKENS,
+    ) -> None:
+        config = lm.config
+        head_dim = lm.rope.head_dim
+        self.lm = lm
+        self.mode = Mode.parse(mode)
+        self.direct_min = direct_min
+        self.store = KVStore(config.num_hidden_layers, config.num_key_value_heads, head_dim,
+                             capacity=capacity, dtype=lm.dtype, device=lm.device)
+
+    # ---- blocks ------------------------------------------------------------------------------
+    def new_block(self, reserve: int = 16) -> int:
+        return self.store.new_block(reserve)
+
+    def length(self, block: int) -> int:
+        return self.store.length(block)
+
+    def free(self, block: int) -> None:
+        self.store.free(block)
+
+    def commit(self, step_block: int, into: int) -> None:
+        """Append a finished step to ``into`` (one rotation of its keys) and empty the step block."""
+        self.store.append_block(step_block, into, self.lm.rope)
+
+    # ---- forward -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(
+        self, steps: Sequence[Step], *, all_logits: bool = False, exchange: Exchange | None = None
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Write each step's tokens into its target block, attending through its view.
+
+        Returns next-token logits ``[rows, vocab]`` (float32) for the last token of each row, or with
+        ``all_logits`` a list of ``[tokens, vocab]`` per row.
+        """
+        rows = [Row(view, len(tokens)) for view, tokens in steps]
+        for row in rows:
+            self.store.reserve(row.view.target, row.tokens)
+        plan, positions = plan_step(self.store, rows, self.mode, self.lm.rope,
+                                    direct_min=self.direct_min)
+        self._check_context(positions)
+        device = self.lm.device
+        width = plan.tokens
+        ids = torch.tensor([list(t) + [t[-1]] * (width - len(t)) for _, t in steps], device=device)
+        out = self.lm.model.base_model(
+            input_ids=ids,
+            position_ids=positions,
+            use_cache=False,
+            hogwild=StepContext(self.store, plan, exchange),
+        )
+        for row in rows:
+            self.store.span(row.view.target).length += row.tokens
+        hidden = out.last_hidden_state
+        head = self.lm.model.get_output_embeddings()
+        if all_logits:
+            return [head(hidden[i, : r.tokens]).float() for i, r in enumerate(rows)]
+        last = torch.tensor([r.tokens - 1 for r in rows], device=device)
+        return head(hidden[torch.arange(len(rows), device=device), last]).float()
+
+    def prefill(self, block: int, tokens: Sequence[int], context: Sequence[int] = ()) -> torch.Tensor:
+        """Encode ``tokens`` into ``block`` after the blocks of ``context``; last-token logits."""
+        if not tokens:
+            raise ConfigError("prefill needs at least one token")
+        return self.forward([(View((*context, block), block), tokens)])[0]
+
+    def _check_context(self, positions: torch.Tensor) -> None:
+        longest = int(positions.max()) + 1
+        if longest > self.lm.max_context:
+            raise LayoutError(
+                f"a view reached {longest} tokens, beyond the model's context of "
+                f"{self.lm.max_context}; use a smaller budget or fewer workers"
+            )
