@@ -60,11 +60,16 @@ def plan_step(
     rope: RopeTable,
     *,
     direct_min: int = DIRECT_MIN_TOKENS,
+    local: range | None = None,
+    write_remote: bool = True,
 ) -> tuple[AttentionPlan, torch.Tensor]:
-    """Plan one step; returns the plan and model ``position_ids`` ``[rows, T]``.
+    """Plan one step; returns the plan and model ``position_ids`` ``[local rows, T]``.
 
+    ``local``: the rows this device computes (default all; queries, positions and mask cover only
+    them). ``write_remote``: whether the layers write the new entries of all rows (they arrive by
+    exchange, instant mode) or only the local rows' (the rest is exchanged after the step).
     Must be called before the new tokens are counted in the store's block lengths; the caller
-    advances the targets' lengths after the forward pass (``commit_lengths``).
+    advances the targets' lengths after the forward pass.
     """
     device, dtype = store.arena.device, store.arena.dtype
     writers = _writers(rows)
@@ -134,15 +139,24 @@ def plan_step(
         segments.append((size, placements))
 
     mask = _mask(rows, tokens, segments)
+    local = local or range(n_rows)
+    if not write_remote:
+        keep = [k for k, src in enumerate(write_src) if src // tokens in local]
+        write_src = [write_src[k] - local.start * tokens for k in keep]
+        write_slots = [write_slots[k] for k in keep]
+        write_rot = [write_rot[k] for k in keep]
     write_rot_t = torch.tensor(write_rot)
     write_cos = write_sin = None
     if write_rot_t.any():
         write_cos, write_sin = rope.cos_sin(write_rot_t, dtype, device)
     n_new = len(write_src)
+    writers_rows = n_rows if write_remote else len(local)
+    if local != range(n_rows):
+        direct, tail, mask = _restrict(direct, tail, mask, local)
     plan = AttentionPlan(
-        rows=n_rows,
+        rows=len(local),
         tokens=tokens,
-        write_src=None if n_new == n_rows * tokens else torch.tensor(write_src, device=device),
+        write_src=None if n_new == writers_rows * tokens else torch.tensor(write_src, device=device),
         write_slots=torch.tensor(write_slots, device=device),
         write_cos=write_cos,
         write_sin=write_sin,
@@ -150,7 +164,21 @@ def plan_step(
         tail=tail,
         mask=None if mask is None else mask.to(device=device, dtype=dtype),
     )
-    return plan, positions.to(device)
+    return plan, positions[local.start : local.stop].to(device)
+
+
+def _restrict(direct, tail, mask, local: range):
+    """Keep only the query side of ``local`` rows (the writes are chosen by the caller)."""
+    rows = slice(local.start, local.stop)
+    direct = [
+        DirectChunk(c.start, c.length, None if c.q_cos is None else c.q_cos[rows],
+                    None if c.q_sin is None else c.q_sin[rows])
+        for c in direct
+    ]
+    if tail is not None:
+        span = slice(local.start * tail.size, local.stop * tail.size)
+        tail = TailGather(tail.size, tail.slots[span], tail.k_cos[span], tail.k_sin[span])
+    return direct, tail, None if mask is None else mask[rows]
 
 
 def _writers(rows: list[Row]) -> dict[int, int]:
