@@ -118,6 +118,14 @@ class KVStore:
         span = self.span(block)
         return self.arena[:, :, :, span.start : span.start + span.length]
 
+    def write_entries(self, block: int, begin: int, entries: torch.Tensor) -> None:
+        """Overwrite positions ``begin..`` of a block (reserved, e.g. peers' entries of a lagged step)."""
+        span = self.span(block)
+        n = entries.shape[3]
+        if begin + n > span.capacity:
+            raise LayoutError(f"block {block} has room for {span.capacity} tokens, not {begin + n}")
+        self.arena[:, :, :, span.start + begin : span.start + begin + n] = entries
+
     def append(self, block: int, entries: torch.Tensor) -> None:
         """Append K/V entries ``[layers, 2, kv_heads, n, head_dim]`` (keys already block-local)."""
         n = entries.shape[3]

@@ -52,22 +52,35 @@ class HogwildEngine:
     # ---- forward -----------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(
-        self, steps: Sequence[Step], *, all_logits: bool = False, exchange: Exchange | None = None
+        self,
+        steps: Sequence[Step],
+        *,
+        all_logits: bool = False,
+        local: range | None = None,
+        exchange: Exchange | None = None,
     ) -> torch.Tensor | list[torch.Tensor]:
         """Write each step's tokens into its target block, attending through its view.
 
         Returns next-token logits ``[rows, vocab]`` (float32) for the last token of each row, or with
         ``all_logits`` a list of ``[tokens, vocab]`` per row.
+
+        Multi-device use: ``local`` are the rows computed here (logits are returned for them only);
+        with ``exchange`` every layer receives all rows' new entries from it and stores them all
+        (instant); without it only the local rows' entries are stored, and the caller must store
+        the others' after the step (``store.write_entries``; lagged). Every block length advances.
         """
         rows = [Row(view, len(tokens)) for view, tokens in steps]
+        local = local or range(len(rows))
         for row in rows:
             self.store.reserve(row.view.target, row.tokens)
         plan, positions = plan_step(self.store, rows, self.mode, self.lm.rope,
-                                    direct_min=self.direct_min)
+                                    direct_min=self.direct_min, local=local,
+                                    write_remote=exchange is not None or len(local) == len(rows))
         self._check_context(positions)
         device = self.lm.device
         width = plan.tokens
-        ids = torch.tensor([list(t) + [t[-1]] * (width - len(t)) for _, t in steps], device=device)
+        ids = torch.tensor([list(t) + [t[-1]] * (width - len(t)) for _, t in steps[local.start : local.stop]],
+                           device=device)
         out = self.lm.model.base_model(
             input_ids=ids,
             position_ids=positions,
@@ -78,10 +91,11 @@ class HogwildEngine:
             self.store.span(row.view.target).length += row.tokens
         hidden = out.last_hidden_state
         head = self.lm.model.get_output_embeddings()
+        mine = rows[local.start : local.stop]
         if all_logits:
-            return [head(hidden[i, : r.tokens]).float() for i, r in enumerate(rows)]
-        last = torch.tensor([r.tokens - 1 for r in rows], device=device)
-        return head(hidden[torch.arange(len(rows), device=device), last]).float()
+            return [head(hidden[i, : r.tokens]).float() for i, r in enumerate(mine)]
+        last = torch.tensor([r.tokens - 1 for r in mine], device=device)
+        return head(hidden[torch.arange(len(mine), device=device), last]).float()
 
     def prefill(self, block: int, tokens: Sequence[int], context: Sequence[int] = ()) -> torch.Tensor:
         """Encode ``tokens`` into ``block`` after the blocks of ``context``; last-token logits."""
