@@ -48,22 +48,48 @@ class RopeTable:
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos().to(device, dtype), angles.sin().to(device, dtype)
 
+    def rotation(
+        self, offsets: torch.Tensor, dtype: torch.dtype, device: torch.device | str = "cpu"
+    ) -> "Rotation":
+        """The rotation by integer ``offsets`` (shape ``[*offsets.shape, head_dim]``)."""
+        return Rotation.from_cos_sin(*self.cos_sin(offsets, dtype, device), self.head_dim)
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+@dataclass(frozen=True)
+class Rotation:
+    """A rotation by per-row offsets, prepared once per step and applied by every layer.
+
+    ``apply(x) = x * cos + swap(x) * sin``: ``swap`` exchanges the two rotary halves of each head
+    and ``sin`` carries the sign of ``rotate_half``; channels beyond the rotary ones have cos 1 and
+    sin 0, so partial rotary needs no separate path.
+    """
+
+    cos: torch.Tensor  # [..., head_dim]
+    sin: torch.Tensor  # [..., head_dim], signed
+    swap: torch.Tensor  # [head_dim] long: channel permutation
+
+    @classmethod
+    def from_cos_sin(cls, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> "Rotation":
+        rotary_dim, half = cos.shape[-1], cos.shape[-1] // 2
+        pad = head_dim - rotary_dim
+        ones, zeros = cos.new_ones(*cos.shape[:-1], pad), sin.new_zeros(*sin.shape[:-1], pad)
+        signed = torch.cat((-sin[..., :half], sin[..., half:], zeros), dim=-1)
+        swap = torch.cat((torch.arange(half, rotary_dim), torch.arange(half), torch.arange(rotary_dim, head_dim)))
+        return cls(torch.cat((cos, ones), dim=-1), signed, swap.to(cos.device))
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(x * self.cos, x.index_select(-1, self.swap), self.sin)
+
+    def rows(self, index: slice) -> "Rotation":
+        """The rotation of a slice of rows (first dimension)."""
+        return Rotation(self.cos[index], self.sin[index], self.swap)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first ``cos.shape[-1]`` channels of ``x`` (broadcasting cos/sin); pass the rest."""
-    rotary_dim = cos.shape[-1]
-    if rotary_dim == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
-    head, tail = x[..., :rotary_dim], x[..., rotary_dim:]
-    return torch.cat((head * cos + rotate_half(head) * sin, tail), dim=-1)
+    return Rotation.from_cos_sin(cos, sin, x.shape[-1]).apply(x)
 
 
 def rotate_by(x: torch.Tensor, offsets: torch.Tensor, table: RopeTable) -> torch.Tensor:
     """Rotate ``x`` (``[..., head_dim]``) by ``offsets`` (broadcastable to ``x.shape[:-1]``)."""
-    cos, sin = table.cos_sin(offsets, x.dtype, x.device)
-    return rotate(x, cos, sin)
+    return table.rotation(offsets, x.dtype, x.device).apply(x)

@@ -32,6 +32,7 @@ class HogwildEngine:
         self.lm = lm
         self.mode = Mode.parse(mode)
         self.direct_min = direct_min
+        self.group = config.num_attention_heads // config.num_key_value_heads
         self.store = KVStore(config.num_hidden_layers, config.num_key_value_heads, head_dim,
                              capacity=capacity, dtype=lm.dtype, device=lm.device)
 
@@ -73,17 +74,16 @@ class HogwildEngine:
         local = local or range(len(rows))
         for row in rows:
             self.store.reserve(row.view.target, row.tokens)
-        plan, positions = plan_step(self.store, rows, self.mode, self.lm.rope,
-                                    direct_min=self.direct_min, local=local,
-                                    write_remote=exchange is not None or len(local) == len(rows))
-        self._check_context(positions)
-        device = self.lm.device
-        width = plan.tokens
+        planned = plan_step(self.store, rows, self.mode, self.lm.rope, group=self.group,
+                            direct_min=self.direct_min, local=local,
+                            write_remote=exchange is not None or len(local) == len(rows))
+        self._check_context(planned.view_length)
+        plan, device, width = planned.plan, self.lm.device, planned.plan.tokens
         ids = torch.tensor([list(t) + [t[-1]] * (width - len(t)) for _, t in steps[local.start : local.stop]],
                            device=device)
         out = self.lm.model.base_model(
             input_ids=ids,
-            position_ids=positions,
+            position_ids=planned.positions,
             use_cache=False,
             hogwild=StepContext(self.store, plan, exchange),
         )
@@ -103,8 +103,7 @@ class HogwildEngine:
             raise ConfigError("prefill needs at least one token")
         return self.forward([(View((*context, block), block), tokens)])[0]
 
-    def _check_context(self, positions: torch.Tensor) -> None:
-        longest = int(positions.max()) + 1
+    def _check_context(self, longest: int) -> None:
         if longest > self.lm.max_context:
             raise LayoutError(
                 f"a view reached {longest} tokens, beyond the model's context of "
