@@ -207,8 +207,9 @@ def _tail(store: KVStore, shape: _Shape, tail_reads: list[list[_Read]]) -> TailG
     mine = slice(shape.local.start, shape.local.stop)
     rotation = shape.rope.rotation(shifts[mine].flatten(), shape.dtype, shape.device)
     mask = _mask(shape, (size, placements))
-    if mask is not None:
-        mask = mask.reshape(len(shape.local), -1, size)  # [R, g * T, S]
+    if mask is not None:  # [kvh * R, g * T, S], the batch layout of the tail matmul
+        kv_heads, width = store.arena.shape[2], shape.group * shape.tokens
+        mask = mask.reshape(1, -1, size).expand(kv_heads, -1, -1).reshape(-1, width, size)
     return TailGather(size, slots[mine].flatten().to(shape.device), rotation, mask)
 
 

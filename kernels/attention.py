@@ -45,7 +45,7 @@ class TailGather:
     size: int
     slots: torch.Tensor  # [rows * size] long
     rotation: Rotation  # shape [rows * size, d]
-    mask: torch.Tensor | None  # [rows, group * T, size] additive, or None
+    mask: torch.Tensor | None  # [kv_heads * rows, group * T, size] additive, or None
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def write_new_entries(
 ) -> None:
     """Store this step's keys/values (``[rows, kv_heads, T, d]``, block-local) at their slots."""
     rows, heads, tokens, dim = k_new.shape
-    new = torch.stack((k_new, v_new)).transpose(1, 2).reshape(2, heads, rows * tokens, dim)
+    new = torch.stack((k_new.transpose(0, 1), v_new.transpose(0, 1))).view(2, heads, rows * tokens, dim)
     if plan.write_src is not None:
         new = new.index_select(2, plan.write_src)
     kv.index_copy_(2, plan.write_slots, new)
@@ -88,15 +88,12 @@ def block_attention(
     for chunk in plan.direct:
         qc = q if chunk.rotation is None else chunk.rotation.apply(q)
         keys = kv[0, :, chunk.start : chunk.start + chunk.length].transpose(1, 2)
-        base, beta = (chunk.mask, 1) if chunk.mask is not None else (q.new_zeros(()), 0)
-        parts.append(torch.baddbmm(base, qc.view(kv_heads, rows * width, dim), keys, beta=beta, alpha=scale))
+        parts.append(_scores(chunk.mask, qc.view(kv_heads, rows * width, dim), keys, scale))
     if plan.tail is not None:
         tail = plan.tail
         gathered = kv.index_select(2, tail.slots)  # [2, kvh, R * S, d]
         keys = tail.rotation.apply(gathered[0]).view(kv_heads * rows, tail.size, dim)
-        scores = torch.bmm(q.view(kv_heads * rows, width, dim), keys.transpose(1, 2)).mul_(scale)
-        if tail.mask is not None:
-            scores.view(kv_heads, rows, width, tail.size).add_(tail.mask)
+        scores = _scores(tail.mask, q.view(kv_heads * rows, width, dim), keys.transpose(1, 2), scale)
         parts.append(scores.view(kv_heads, rows * width, tail.size))
 
     scores = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
@@ -115,3 +112,10 @@ def block_attention(
         out = torch.baddbmm(out.view(kv_heads * rows, width, dim), p, values)
     # [kvh, R, g, T, d] -> [R, T, kvh, g, d] == [R, T, heads, d]
     return out.view(kv_heads, rows, n_heads // kv_heads, tokens, dim).permute(1, 3, 0, 2, 4)
+
+
+def _scores(mask: torch.Tensor | None, q: torch.Tensor, keys_t: torch.Tensor, scale: float) -> torch.Tensor:
+    """``mask + scale * q @ keys_t`` in one batched matmul."""
+    if mask is None:
+        return torch.bmm(q, keys_t).mul_(scale)
+    return torch.baddbmm(mask, q, keys_t, alpha=scale)
