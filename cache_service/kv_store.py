@@ -67,7 +67,8 @@ class KVStore:
         return block
 
     def free(self, block: int) -> None:
-        span = self.spans.pop(block)
+        span = self.span(block)
+        del self.spans[block]
         if span.start + span.capacity == self.top:
             self.top = span.start
 

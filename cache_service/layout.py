@@ -27,4 +27,6 @@ class View:
     @classmethod
     def of(cls, *blocks: int) -> "View":
         """View whose target is its last block (the usual case: own step last)."""
+        if not blocks:
+            raise LayoutError("a view needs at least one block (the one its row writes)")
         return cls(tuple(blocks), blocks[-1])

@@ -18,7 +18,7 @@ from cache_service.planner import DIRECT_MIN_TOKENS
 from workers.engine import HogwildEngine
 from workers.model import SUPPORTED_FAMILIES, load_model, tiny_config
 
-from oracle import NaiveOracle
+from tests.oracle import NaiveOracle
 
 # fp32 logits (|x| up to ~5), engine vs oracle: observed <= 1.3e-5 (float32 rope angles at view
 # positions ~300); a wrong rotation, visibility or causality rule moves them by > 0.3.

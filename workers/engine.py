@@ -6,11 +6,11 @@ from collections.abc import Sequence
 
 import torch
 
-from cache_service.errors import ConfigError, LayoutError
+from cache_service.errors import ConfigError, HogwildError, LayoutError
 from cache_service.kv_store import KVStore
 from cache_service.layout import View
 from cache_service.planner import DIRECT_MIN_TOKENS, Mode, Row, plan_step
-from workers.hook import Exchange, StepContext
+from workers.hook import ATTENTION_NAME, Exchange, StepContext
 from workers.model import LoadedModel
 
 Step = tuple[View, Sequence[int]]  # (view, new tokens written to view.target)
@@ -70,6 +70,7 @@ class HogwildEngine:
         (instant); without it only the local rows' entries are stored, and the caller must store
         the others' after the step (``store.write_entries``; lagged). Every block length advances.
         """
+        self._check_attention()
         rows = [Row(view, len(tokens)) for view, tokens in steps]
         local = local or range(len(rows))
         for row in rows:
@@ -102,6 +103,14 @@ class HogwildEngine:
         if not tokens:
             raise ConfigError("prefill needs at least one token")
         return self.forward([(View((*context, block), block), tokens)])[0]
+
+    def _check_attention(self) -> None:
+        current = self.lm.config._attn_implementation
+        if current != ATTENTION_NAME:
+            raise HogwildError(
+                f"the model's attention is {current!r}, so the engine's cache would be bypassed; "
+                f"call model.set_attn_implementation({ATTENTION_NAME!r}) before using the engine"
+            )
 
     def _check_context(self, longest: int) -> None:
         if longest > self.lm.max_context:
