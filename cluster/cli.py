@@ -1,0 +1,116 @@
+"""The ``hogwild`` command: ``hogwild run "PROBLEM" ...`` and ``hogwild models pull``.
+
+Errors the user can fix end the program with one line, ``hogwild: error: ...``, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from cache_service.errors import ConfigError, HogwildError
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one ``ConfigError`` line, not a usage block and ``SystemExit``."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="hogwild", description="Hogwild! Inference: LLM workers sharing one KV cache.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="solve a problem with N workers, shown live")
+    run.add_argument("problem", help="the problem to solve")
+    run.add_argument("--workers", type=int, default=2, help="number of workers, 1..8 (default 2)")
+    run.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a model path")
+    run.add_argument("--max-steps", type=int, default=256, help="decode steps, one token per worker each")
+    run.add_argument("--max-step-tokens", type=int, default=128, help="longest step before it is cut")
+    run.add_argument("--check-every", type=int, default=64, help="redundancy check every N tokens (0: off)")
+    run.add_argument("--layout", default="combined", help="combined | contiguous | interleaved")
+    run.add_argument("--mode", default="instant", help="instant | lagged")
+    run.add_argument("--temperature", type=float, default=0.6, help="0 for greedy")
+    run.add_argument("--top-p", type=float, default=0.95)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--json", action="store_true", help="print one JSON object instead of the live view")
+    run.add_argument("--transcript", type=Path, help="also save the transcript (.json or .md)")
+    models = commands.add_parser("models", help="manage models")
+    models.add_argument("action", choices=["pull"], help="pull: fetch the default model")
+    models.add_argument("--force", action="store_true", help="fetch again even when present")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return _run(args) if args.command == "run" else _models(args)
+    except HogwildError as err:
+        print(f"hogwild: error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("hogwild: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _run(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from cluster.session import Session
+
+    hf_logging.disable_progress_bar()  # the terminal belongs to the live view (and stderr to errors)
+    hf_logging.set_verbosity_error()
+    session = Session(args.problem, _config(args))
+    view = None if args.json else _live_view()
+    for event in session.events():
+        if view:
+            view.update(event)
+    result = session.result()
+    if view:
+        view.close(result)
+    else:
+        print(result.to_json(indent=None))
+    if args.transcript:
+        _save(result, args.transcript)
+    return 0
+
+
+def _config(args: argparse.Namespace):
+    from cluster.protocol import ProtocolConfig
+    from cluster.session import SessionConfig
+    from workers.sampling import SamplingParams
+
+    protocol = ProtocolConfig(workers=args.workers, layout=args.layout, max_steps=args.max_steps,
+                              max_step_tokens=args.max_step_tokens, check_every=args.check_every)
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    return SessionConfig(protocol=protocol, sampling=sampling, model=args.model, mode=args.mode)
+
+
+def _live_view():
+    from cluster.view import ColumnView, LineView
+
+    return ColumnView(sys.stdout) if sys.stdout.isatty() else LineView(sys.stdout)
+
+
+def _save(result, path: Path) -> None:
+    text = result.to_json() if path.suffix == ".json" else result.to_markdown()
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as err:
+        raise HogwildError(f"cannot write the transcript to {path}: {err.strerror}") from None
+
+
+def _models(args: argparse.Namespace) -> int:
+    from workers.model_store import pull_default_model
+
+    print(pull_default_model(force=args.force))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""What a running program reports: small frozen dataclasses, in the order things happen.
+
+``worker`` is a worker's index; ``Started.workers`` maps it to a name. Every event converts to a
+plain dict (``to_dict``, with a ``type`` key) for JSON, SSE or a Ray object stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class _Event:
+    def to_dict(self) -> dict:
+        return {"type": type(self).__name__, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class Started(_Event):
+    """The prompt and layout blocks are in the cache; decoding begins."""
+
+    workers: tuple[str, ...]
+    layout: str
+    prompt_tokens: int
+    max_steps: int
+
+
+@dataclass(frozen=True)
+class Delta(_Event):
+    """New text of a worker; ``forced`` text was inserted by the protocol, not sampled."""
+
+    worker: int
+    step: int
+    text: str
+    forced: bool = False
+
+
+@dataclass(frozen=True)
+class StepDone(_Event):
+    """A worker finished a step; ``committed`` when it went into the common history."""
+
+    worker: int
+    step: int
+    text: str
+    tokens: int
+    committed: bool
+
+
+@dataclass(frozen=True)
+class Check(_Event):
+    """A redundancy check was inserted into a worker's stream after ``after_tokens`` sampled tokens."""
+
+    worker: int
+    step: int
+    after_tokens: int
+
+
+@dataclass(frozen=True)
+class Tick(_Event):
+    """One decode step is done (one token per worker); ``tokens`` sampled per worker so far."""
+
+    step: int
+    max_steps: int
+    tokens: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Finished(_Event):
+    """The end: ``reason`` is ``answer`` (a worker wrote one), ``budget`` or ``context`` (the finisher asked)."""
+
+    answer: str | None
+    reason: str
+    by: int
+    steps: int
+
+
+Event = Started | Delta | StepDone | Check | Tick | Finished

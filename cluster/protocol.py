@@ -1,0 +1,286 @@
+"""The collaboration protocol: a deterministic program that drives a ``Backend`` and reports events.
+
+``Program(problem, config, codec, max_context).run(backend)`` yields ``Event``s. Every decision
+(step ends, commits, redundancy checks, answers, the finisher) depends only on the config and the
+tokens the backend returns, and the program holds no global state and is picklable: every actor of
+a distributed session can run the same program in lockstep and take the same decisions.
+
+A worker's step lives in its step block. A sampled token is written at the next decode step; when
+it finishes a step, that decode step writes it, the step is committed (layouts that commit) and the
+next step's prefix is written after it (the sample drawn after a step end is dropped).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from cache_service.errors import ConfigError
+from cache_service.layout import View
+from cluster.codec import Codec
+from cluster.detect import find_answer, step_ended
+from cluster.events import Check, Delta, Event, Finished, Started, StepDone, Tick
+from cluster.layouts import SHARED_PARTS, BlockTable, Layout, get_layout, view
+from cluster.prompts import NAMES, Templates
+
+if TYPE_CHECKING:
+    from workers.backend import Backend
+
+MAX_WORKERS = len(NAMES)
+CLAUSE_ENDS = tuple(".,;:!?)\n")  # a redundancy check waits for one of these ...
+CHECK_SLACK = 16  # ... for at most this many tokens
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    """How workers collaborate. ``max_steps`` counts decode steps (one token per worker each);
+    ``check_every`` inserts a redundancy check after that many sampled tokens (0: never)."""
+
+    workers: int = 2
+    layout: str | Layout = "combined"
+    max_steps: int = 256
+    max_step_tokens: int = 128
+    check_every: int = 64
+    answer_tokens: int = 16
+    templates: Templates = field(default_factory=Templates)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ConfigError(f"workers must be between 1 and {MAX_WORKERS}, got {self.workers}")
+        for name in ("max_steps", "max_step_tokens", "answer_tokens"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.check_every < 0:
+            raise ConfigError(f"check_every must be >= 0 (0 switches checks off), got {self.check_every}")
+        get_layout(self.layout)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return NAMES[: self.workers]
+
+
+def check_problem(problem: str) -> str:
+    """The problem text, stripped; an empty one is a ``ConfigError``."""
+    if not isinstance(problem, str) or not problem.strip():
+        raise ConfigError("the problem is empty; give the question the workers should solve")
+    return problem.strip()
+
+
+class Program:
+    """One session's protocol: the prompt and fixed blocks as token ids, plus the rules."""
+
+    def __init__(self, problem: str, config: ProtocolConfig, codec: Codec, max_context: int) -> None:
+        self.problem = check_problem(problem)
+        self.config = config
+        self.codec = codec
+        self.max_context = max_context
+        self.layout = get_layout(config.layout)
+        t = config.templates
+        prompt = codec.render_chat(t.system_text(config.names, self.layout.name), self.problem)
+        self.prompt_ids = codec.encode(prompt + (t.history_header if self.layout.commits else ""))
+        parts = [p for p in self.layout.parts() if p != "step"]
+        self.shared_ids = self._part_ids([p for p in parts if p in SHARED_PARTS], "")
+        self.worker_ids = tuple(self._part_ids([p for p in parts if p not in SHARED_PARTS], name)
+                                for name in config.names)
+        self.check_ids = codec.encode(t.check)
+        self.separator_ids = codec.encode(t.step_separator)
+        self.finisher_ids = codec.encode(t.finisher)
+        self.reserve = self._reserve()
+        self._check_fits()
+
+    def run(self, backend: Backend) -> Iterator[Event]:
+        """Run the session on ``backend``; the events stream as they happen."""
+        return _Run(self, backend).events()
+
+    def prefix_ids(self, worker: int, step: int) -> list[int]:
+        return self.codec.encode(self.config.templates.prefix(self.config.names[worker], step))
+
+    def _part_ids(self, parts: list[str], name: str) -> dict[str, list[int]]:
+        texts = {p: self.config.templates.part_text(p, name) for p in parts}
+        return {p: self.codec.encode(text) for p, text in texts.items() if text}
+
+    def _reserve(self) -> int:
+        """Room kept in every view beyond this step's input: the longest next inputs and the finisher."""
+        longest = max(len(self.check_ids), len(self.separator_ids), len(self.prefix_ids(0, 10 ** 4)))
+        return self.config.workers * (longest + 1) + len(self.finisher_ids) + self.config.answer_tokens
+
+    def _check_fits(self) -> None:
+        fixed = sum(map(len, self.shared_ids.values()))
+        fixed += sum(len(ids) for parts in self.worker_ids for ids in parts.values())
+        need = len(self.prompt_ids) + fixed + self.reserve
+        if need > self.max_context:
+            raise ConfigError(
+                f"the prompt needs {need} tokens with the workspace headers, beyond the model's context "
+                f"of {self.max_context}; shorten the problem or use fewer workers"
+            )
+
+
+def allocate_blocks(program: Program, backend: Backend) -> BlockTable:
+    """Create the session's blocks: the prompt, the fixed layout texts (prefilled after the prompt)
+    and an empty step block per worker. Works on anything with ``new_block``/``prefill``."""
+    common = backend.new_block(len(program.prompt_ids) + program.config.max_steps)
+    backend.prefill(common, program.prompt_ids)
+
+    def prefilled(ids: list[int]) -> int:
+        block = backend.new_block(len(ids))
+        backend.prefill(block, ids, (common,))
+        return block
+
+    shared = {part: prefilled(ids) for part, ids in program.shared_ids.items()}
+    workers = tuple(
+        {**{part: prefilled(ids) for part, ids in parts.items()},
+         "step": backend.new_block(program.config.max_step_tokens + 16)}
+        for parts in program.worker_ids
+    )
+    return BlockTable(common, shared, workers)
+
+
+@dataclass
+class _Worker:
+    """Run state of one worker; ``ids`` is the current step including the token not yet written."""
+
+    index: int
+    view: View
+    step: int = 0
+    ids: list[int] = field(default_factory=list)
+    feed: list[int] = field(default_factory=list)  # written at the next decode step
+    text: str = ""  # decoded ids, without a trailing partial character
+    shown: int = 0  # characters of ``text`` already reported
+    closing: bool = False  # the step ends once ``feed`` is written
+    sampled: int = 0
+    step_sampled: int = 0
+    since_check: int = 0
+
+
+class _Run:
+    """One execution of a program on a backend (the mutable half of ``Program``)."""
+
+    def __init__(self, program: Program, backend: Backend) -> None:
+        self.p = program
+        self.config = program.config
+        self.templates = program.config.templates
+        self.backend = backend
+        self.table: BlockTable | None = None
+        self.workers: list[_Worker] = []
+
+    def events(self) -> Iterator[Event]:
+        self.table = allocate_blocks(self.p, self.backend)
+        self.workers = [_Worker(w, view(self.p.layout, self.table, w)) for w in range(self.config.workers)]
+        yield Started(self.config.names, self.p.layout.name, len(self.p.prompt_ids), self.config.max_steps)
+        for worker in self.workers:
+            yield from self._begin_step(worker)
+        steps, reason = 0, "budget"
+        while steps < self.config.max_steps:
+            if not self._fits():
+                reason = "context"
+                break
+            found = yield from self._decode_step()
+            steps += 1
+            yield Tick(steps, self.config.max_steps, tuple(w.sampled for w in self.workers))
+            if found is not None:
+                yield Finished(found[1], "answer", found[0], steps)
+                return
+        yield from self._finish(reason, steps)
+
+    # ---- decoding ----------------------------------------------------------------------------
+    def _decode_step(self) -> Iterator[Event]:
+        """One token per worker; returns ``(worker, answer)`` of the first worker that answered."""
+        rows = [(w.view, w.feed) for w in self.workers]
+        tokens = self.backend.step(rows, [w.index for w in self.workers], suppress=self.p.codec.stop_ids)
+        found = None
+        for worker, token in zip(self.workers, tokens, strict=True):
+            answer = yield from self._advance(worker, token)
+            if found is None and answer is not None:
+                found = (worker.index, answer)
+        return found
+
+    def _advance(self, w: _Worker, token: int) -> Iterator[Event]:
+        """Take a worker's sampled token; returns its answer when the token completed one."""
+        if w.closing:
+            yield from self._close_step(w)
+            return None
+        before = len(w.text)
+        w.ids.append(token)
+        w.feed = [token]
+        w.sampled += 1
+        w.step_sampled += 1
+        w.since_check += 1
+        yield from self._sync(w)
+        answer = find_answer(w.text, self.templates.answer_re, since=before)
+        if answer is not None:
+            return answer
+        if step_ended(w.text, self.templates.step_end_re):
+            w.closing = True
+        elif w.step_sampled >= self.config.max_step_tokens:
+            w.closing = True
+            yield from self._force(w, self.p.separator_ids)
+        elif self._check_due(w):
+            w.since_check = 0
+            yield Check(w.index, w.step, w.sampled)
+            yield from self._force(w, self.p.check_ids)
+        return None
+
+    def _check_due(self, w: _Worker) -> bool:
+        """A check is due ``check_every`` tokens after the last, at a clause end (at most ``CHECK_SLACK`` later)."""
+        every = self.config.check_every
+        if not every or w.since_check < every:
+            return False
+        return w.text.rstrip(" ")[-1:] in CLAUSE_ENDS or w.since_check >= every + CHECK_SLACK
+
+    def _close_step(self, w: _Worker) -> Iterator[Event]:
+        if self.p.layout.commits:
+            self.backend.commit(self.table.step(w.index), self.table.common)
+        yield StepDone(w.index, w.step, w.text, len(w.ids), self.p.layout.commits)
+        yield from self._begin_step(w)
+
+    def _begin_step(self, w: _Worker) -> Iterator[Event]:
+        w.step += 1
+        w.ids, w.feed, w.text, w.shown = [], [], "", 0
+        w.closing, w.step_sampled = False, 0
+        yield from self._force(w, self.p.prefix_ids(w.index, w.step))
+
+    def _force(self, w: _Worker, ids: list[int]) -> Iterator[Event]:
+        """Insert protocol text into a worker's stream (written at the next decode step)."""
+        w.ids += ids
+        w.feed += ids
+        yield from self._sync(w, forced=True)
+
+    def _sync(self, w: _Worker, forced: bool = False) -> Iterator[Event]:
+        w.text = self.p.codec.decode(w.ids).rstrip("\ufffd")
+        if len(w.text) > w.shown:
+            yield Delta(w.index, w.step, w.text[w.shown:], forced)
+            w.shown = len(w.text)
+
+    def _fits(self) -> bool:
+        """Whether every view still has room for this step and the finisher."""
+        blocks = {b for w in self.workers for b in w.view.blocks}
+        lengths = {b: self.backend.length(b) for b in sorted(blocks)}
+        need = sum(len(w.feed) for w in self.workers) + self.p.reserve
+        return all(sum(lengths[b] for b in w.view.blocks) + need <= self.p.max_context for w in self.workers)
+
+    # ---- the end -----------------------------------------------------------------------------
+    def _finish(self, reason: str, steps: int) -> Iterator[Event]:
+        """Ask the first worker for the answer and decode a few greedy tokens."""
+        w = self.workers[0]
+        mark = len(w.text)
+        yield from self._force(w, self.p.finisher_ids)
+        asked = len(w.text)
+        answer = None
+        for _ in range(self.config.answer_tokens):
+            token = self.backend.step([(w.view, w.feed)], [w.index], greedy=True)[0]
+            if token in self.p.codec.stop_ids:
+                break
+            w.ids.append(token)
+            w.feed = [token]
+            yield from self._sync(w)
+            answer = find_answer(w.text, self.templates.answer_re, since=mark)
+            if answer is not None:
+                break
+        yield Finished(answer if answer is not None else _loose_answer(w.text[asked:]), reason, w.index, steps)
+
+
+def _loose_answer(text: str) -> str | None:
+    """What the finisher wrote when it never closed the answer pattern: its first line."""
+    line = text.strip().split("\n", 1)[0].strip()
+    return line or None

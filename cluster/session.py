@@ -1,0 +1,101 @@
+"""The Python API: start a session for a problem, stream its events, get its result.
+
+    session = Session("What is 2 + 3?", SessionConfig(protocol=ProtocolConfig(workers=2)))
+    for event in session.events(): ...
+    result = session.result()      # drains what is left; answer, texts, transcript, timings
+
+Where the workers run is a parameter: ``backend_factory(lm, config) -> Backend``. The default,
+``local_backend``, puts every worker on one ``HogwildEngine``; a distributed backend plugs in here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from cache_service.errors import ConfigError
+from cache_service.planner import Mode
+from cluster.codec import codec_for
+from cluster.events import Event
+from cluster.protocol import Program, ProtocolConfig, check_problem
+from cluster.transcript import SessionResult, TranscriptBuilder
+from workers.backend import Backend, LocalBackend
+from workers.engine import HogwildEngine
+from workers.model import LoadedModel, load_model
+from workers.model_store import resolve_model
+from workers.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """Everything a session needs: protocol, sampling, model (``default`` or a path) and engine mode."""
+
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.6, top_p=0.95))
+    model: str = "default"
+    mode: str = "instant"
+
+    def __post_init__(self) -> None:
+        Mode.parse(self.mode)
+        if not str(self.model).strip():
+            raise ConfigError("the model is empty; give 'default' or a model path")
+
+
+BackendFactory = Callable[[LoadedModel, SessionConfig], Backend]
+
+
+def local_backend(lm: LoadedModel, config: SessionConfig) -> Backend:
+    """All workers on one engine in this process."""
+    engine = HogwildEngine(lm, mode=config.mode)
+    return LocalBackend(engine, config.sampling, config.protocol.workers)
+
+
+def open_model(name: str) -> LoadedModel:
+    """Load ``default`` (pulled when missing) or a model path; failures become ``ConfigError``."""
+    source = resolve_model(name)
+    try:
+        return load_model(source)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().split("\n", 1)[0]
+        raise ConfigError(f"cannot load model {name!r}: {reason}") from None
+
+
+class Session:
+    """One problem solved by N workers; events stream once, the result is built from them."""
+
+    def __init__(
+        self,
+        problem: str,
+        config: SessionConfig | None = None,
+        *,
+        lm: LoadedModel | None = None,
+        backend_factory: BackendFactory = local_backend,
+    ) -> None:
+        self.config = config or SessionConfig()
+        check_problem(problem)  # before the (slow) model load
+        self.lm = lm or open_model(self.config.model)
+        codec = codec_for(self.lm.tokenizer, self.lm.config.vocab_size)
+        self.program = Program(problem, self.config.protocol, codec, self.lm.max_context)
+        self.backend_factory = backend_factory
+        self._builder = TranscriptBuilder(self.program.problem, time.perf_counter())
+        self._stream: Iterator[Event] | None = None
+
+    def events(self) -> Iterator[Event]:
+        """The session's events as they happen (one stream per session, shared by all callers)."""
+        if self._stream is None:
+            self._stream = self._run()
+        return self._stream
+
+    def result(self) -> SessionResult:
+        """Run to the end (if not yet done) and return the result."""
+        for _ in self.events():
+            pass
+        return self._builder.result()
+
+    def _run(self) -> Iterator[Event]:
+        self._builder.started_at = time.perf_counter()
+        backend = self.backend_factory(self.lm, self.config)
+        for event in self.program.run(backend):
+            self._builder.add(event, time.perf_counter())
+            yield event
