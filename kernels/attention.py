@@ -82,22 +82,25 @@ def block_attention(
     rows, n_heads, tokens, dim = q.shape
     kv_heads = kv.shape[1]
     width = n_heads // kv_heads * tokens  # query rows per (row, kv head): group * T
-    q = q.reshape(rows, kv_heads, width, dim).transpose(0, 1).contiguous()  # [kvh, R, gT, d]
+    q = q.reshape(rows, kv_heads, width, dim).transpose(0, 1).contiguous().mul_(scale)  # [kvh, R, gT, d]
 
     parts: list[torch.Tensor] = []  # scores, each [kvh, R * gT, L]
     for chunk in plan.direct:
         qc = q if chunk.rotation is None else chunk.rotation.apply(q)
         keys = kv[0, :, chunk.start : chunk.start + chunk.length].transpose(1, 2)
-        parts.append(_scores(chunk.mask, qc.view(kv_heads, rows * width, dim), keys, scale))
+        parts.append(_scores(chunk.mask, qc.view(kv_heads, rows * width, dim), keys))
     if plan.tail is not None:
         tail = plan.tail
         gathered = kv.index_select(2, tail.slots)  # [2, kvh, R * S, d]
         keys = tail.rotation.apply(gathered[0]).view(kv_heads * rows, tail.size, dim)
-        scores = _scores(tail.mask, q.view(kv_heads * rows, width, dim), keys.transpose(1, 2), scale)
+        scores = _scores(tail.mask, q.view(kv_heads * rows, width, dim), keys.transpose(1, 2))
         parts.append(scores.view(kv_heads, rows * width, tail.size))
 
     scores = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    if scores.dtype == torch.float32:
+        probs = scores.softmax(dim=-1)
+    else:  # normalise half-precision scores in float32
+        probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
 
     out = q.new_zeros(kv_heads, rows * width, dim) if not plan.direct else None
     at = 0
@@ -114,8 +117,6 @@ def block_attention(
     return out.view(kv_heads, rows, n_heads // kv_heads, tokens, dim).permute(1, 3, 0, 2, 4)
 
 
-def _scores(mask: torch.Tensor | None, q: torch.Tensor, keys_t: torch.Tensor, scale: float) -> torch.Tensor:
-    """``mask + scale * q @ keys_t`` in one batched matmul."""
-    if mask is None:
-        return torch.bmm(q, keys_t).mul_(scale)
-    return torch.baddbmm(mask, q, keys_t, alpha=scale)
+def _scores(mask: torch.Tensor | None, q: torch.Tensor, keys_t: torch.Tensor) -> torch.Tensor:
+    """``mask + q @ keys_t`` in one batched matmul."""
+    return torch.bmm(q, keys_t) if mask is None else torch.baddbmm(mask, q, keys_t)

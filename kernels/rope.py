@@ -66,7 +66,7 @@ class Rotation:
 
     cos: torch.Tensor  # [..., head_dim]
     sin: torch.Tensor  # [..., head_dim], signed
-    swap: torch.Tensor  # [head_dim] long: channel permutation
+    swap: torch.Tensor | None  # [head_dim] channel permutation (partial rotary), None: a roll
 
     @classmethod
     def from_cos_sin(cls, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> "Rotation":
@@ -74,11 +74,18 @@ class Rotation:
         pad = head_dim - rotary_dim
         ones, zeros = cos.new_ones(*cos.shape[:-1], pad), sin.new_zeros(*sin.shape[:-1], pad)
         signed = torch.cat((-sin[..., :half], sin[..., half:], zeros), dim=-1)
-        swap = torch.cat((torch.arange(half, rotary_dim), torch.arange(half), torch.arange(rotary_dim, head_dim)))
-        return cls(torch.cat((cos, ones), dim=-1), signed, swap.to(cos.device))
+        swap = None
+        if pad:
+            swap = torch.cat((torch.arange(half, rotary_dim), torch.arange(half),
+                              torch.arange(rotary_dim, head_dim))).to(cos.device)
+        return cls(torch.cat((cos, ones), dim=-1), signed, swap)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(x * self.cos, x.index_select(-1, self.swap), self.sin)
+        if self.swap is None:  # full rotary: the swap is a roll by half a head
+            swapped = x.roll(x.shape[-1] // 2, dims=-1)
+        else:
+            swapped = x.index_select(-1, self.swap)
+        return torch.addcmul(x * self.cos, swapped, self.sin)
 
     def rows(self, index: slice) -> "Rotation":
         """The rotation of a slice of rows (first dimension)."""
