@@ -85,7 +85,7 @@ def plan_step(
     before = {b: store.length(b) for b in writers}
     reads, view_length = _reads(store, rows, mode, before, writers)
     n_rows, tokens = len(rows), max(r.tokens for r in rows)
-    local = local or range(n_rows)
+    local = range(n_rows) if local is None else local
     device, dtype = store.arena.device, store.arena.dtype
 
     positions = torch.stack([

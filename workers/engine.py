@@ -72,7 +72,7 @@ class HogwildEngine:
         """
         self._check_attention()
         rows = [Row(view, len(tokens)) for view, tokens in steps]
-        local = local or range(len(rows))
+        local = range(len(rows)) if local is None else local
         for row in rows:
             self.store.reserve(row.view.target, row.tokens)
         planned = plan_step(self.store, rows, self.mode, self.lm.rope, group=self.group,

@@ -1,0 +1,234 @@
+"""The worker actor: one model replica with a full cache replica, hosting a range of workers.
+
+A plain class (the cluster wraps it with ``ray.remote`` and its resources). Every method that
+touches the cache (``prefill``, ``forward``, ``step``, ``commit``, ``run``) is a lockstep call: the
+driver makes it on every actor of the session with the same arguments, or the collectives inside
+wait for the missing ranks until the rendezvous timeout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import ray
+import torch
+from transformers import PretrainedConfig
+
+from cache_service.errors import ConfigError
+from cache_service.layout import View
+from cache_service.planner import DIRECT_MIN_TOKENS, Mode
+from cache_service.service import Record
+from cache_service.snapshot import KVSnapshot, capture, restore
+from workers.backend import Backend
+from workers.distributed import DistributedBackend, Placement
+from workers.engine import HogwildEngine
+from workers.exchange import Collective, free_port, leave, rendezvous
+from workers.model import LoadedModel, load_model
+from workers.model_store import resolve_model
+from workers.sampling import SamplingParams
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+RECORD_BATCH = 64  # records buffered before they are pushed to the CacheService
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What every actor loads: ``source`` a model path / ``default`` / hub id, or a config (random
+    weights from ``seed``, identical in every process); ``dtype`` by name, None for the device default."""
+
+    source: str | PretrainedConfig
+    dtype: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+
+    def load(self, device: torch.device) -> LoadedModel:
+        dtype = DTYPES[self.dtype] if self.dtype else None
+        source = resolve_model(self.source) if isinstance(self.source, str) else self.source
+        return load_model(source, dtype=dtype, device=device, seed=self.seed)
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """One session's engine settings, the same on every actor."""
+
+    model: ModelSpec
+    mode: str = "instant"
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    capacity: int = 4096
+    direct_min: int = DIRECT_MIN_TOKENS
+
+    def __post_init__(self) -> None:
+        Mode.parse(self.mode)
+
+
+class Program(Protocol):
+    """A deterministic program (e.g. ``cluster.protocol.Program``): same calls on every actor."""
+
+    def run(self, backend: Backend) -> Iterator[Any]: ...
+
+
+class ServiceRecorder:
+    """Buffers rank 0's records and pushes them to the CacheService fire-and-forget, in order."""
+
+    def __init__(self, service: Any) -> None:
+        self.service = service
+        self.buffer: list[Record] = []
+        self.last = None  # the latest push (Ray ObjectRef)
+
+    def record(self, record: Record) -> None:
+        self.buffer.append(record)
+        if len(self.buffer) >= RECORD_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buffer:
+            self.last = self.service.apply.remote(self.buffer)
+            self.buffer = []
+
+    def clear(self) -> None:
+        """Drop what is buffered and clear the service (after the records already sent)."""
+        self.buffer = []
+        self.last = self.service.clear.remote()
+
+    def sync(self, timeout_s: float = 60.0) -> None:
+        """Push what is buffered and wait until the service has applied everything."""
+        self.flush()
+        if self.last is not None:
+            ray.get(self.last, timeout=timeout_s)
+
+
+class WorkerActor:
+    """Hosts ``placement.workers`` of a session on one device (see the module docstring)."""
+
+    def __init__(self, spec: EngineSpec, placement: Placement, device: str = "cpu", threads: int = 1) -> None:
+        torch.set_num_threads(threads)
+        self.spec, self.placement = spec, placement
+        self.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+        self.lm = spec.model.load(self.device)
+        self.collective = Collective(placement.rank, placement.world, self.device)
+        self.recorder: ServiceRecorder | None = None
+        self.backend = self._backend(spec.mode, spec.sampling)
+
+    # ---- setup -------------------------------------------------------------------------------
+    def identity(self) -> dict:
+        """Where this actor runs: rank, node address, process id and the GPUs Ray gave it."""
+        gpus = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
+        return {"rank": self.placement.rank, "node": ray.util.get_node_ip_address(),
+                "pid": os.getpid(), "gpus": list(gpus), "workers": list(self.placement.workers)}
+
+    def pick_address(self) -> str:
+        """``host:port`` for the rendezvous (called on rank 0)."""
+        host = ray.util.get_node_ip_address()
+        return f"{host}:{free_port(host)}"
+
+    def connect(self, address: str, timeout_s: float, service: Any = None) -> None:
+        """Join the process group (``timeout_s`` bounds the rendezvous and every collective);
+        rank 0 also reports to ``service`` (a CacheService handle)."""
+        if self.placement.world > 1:
+            rendezvous(address, self.placement.rank, self.placement.world, self.device, timeout_s)
+        if service is not None and self.placement.rank == 0:
+            self.recorder = ServiceRecorder(service)
+            self.backend.recorder = self.recorder
+
+    def weights_digest(self) -> str:
+        """sha256 of the weights (placement tests check every replica is the same model)."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.lm.model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    def reset(self, mode: str | None = None, snapshot: bytes | None = None,
+              sampling: SamplingParams | None = None) -> None:
+        """A fresh, empty cache (optionally in another mode, with other sampling, with fresh
+        per-worker generators), or one restored from ``snapshot``."""
+        self.backend = self._backend(mode or self.backend.engine.mode.value, sampling or self.backend.params)
+        if snapshot is not None:
+            restore(self.backend.engine.store, KVSnapshot.from_bytes(snapshot))
+            if self.recorder is not None:  # the service adopted the same snapshot: it mirrors all
+                self.backend.mirrored = set(self.backend.engine.store.spans)
+        elif self.recorder is not None:
+            self.recorder.clear()
+
+    def _backend(self, mode: str, sampling: SamplingParams) -> DistributedBackend:
+        engine = HogwildEngine(self.lm, mode=mode, capacity=self.spec.capacity, direct_min=self.spec.direct_min)
+        return DistributedBackend(engine, sampling, self.placement, self.collective, self.recorder)
+
+    # ---- lockstep cache operations -----------------------------------------------------------
+    def new_block(self, reserve: int = 16) -> int:
+        return self.backend.new_block(reserve)
+
+    def length(self, block: int) -> int:
+        return self.backend.length(block)
+
+    def prefill(self, block: int, tokens: Sequence[int], context: Sequence[int] = ()) -> None:
+        self.backend.prefill(block, tokens, context)
+        self._flush()
+
+    def forward(self, rows: Sequence[tuple[View, Sequence[int]]], workers: Sequence[int],
+                all_logits: bool = False) -> dict[int, torch.Tensor]:
+        """Teacher-forced step; logits of this actor's rows by worker (on the CPU)."""
+        logits = self.backend.forward(rows, workers, all_logits=all_logits)
+        self._flush()
+        return {w: x.to("cpu") for w, x in logits.items()}
+
+    def step(self, rows: Sequence[tuple[View, Sequence[int]]], workers: Sequence[int],
+             greedy: bool = False, suppress: Sequence[int] = ()) -> list[int]:
+        tokens = self.backend.step(rows, workers, greedy=greedy, suppress=suppress)
+        self._flush()
+        return tokens
+
+    def commit(self, step_block: int, into: int) -> None:
+        self.backend.commit(step_block, into)
+        self._flush()
+
+    def run(self, program: Program, chunk_s: float = 0.2) -> Iterator[list]:
+        """Run ``program`` to the end; rank 0 yields its events in chunks (every ``chunk_s``)."""
+        chunk, since = [], time.monotonic()
+        for event in program.run(self.backend):
+            if self.placement.rank != 0:
+                continue
+            chunk.append(event)
+            if time.monotonic() - since >= chunk_s:
+                self._flush()
+                yield chunk
+                chunk, since = [], time.monotonic()
+        self._flush()
+        if chunk:
+            yield chunk
+
+    # ---- snapshots and statistics ------------------------------------------------------------
+    def live_state(self) -> dict:
+        """For a snapshot (rank 0): ``live`` blocks (those the service does not mirror), every
+        block's (length, capacity) in ``spans``, ``next_block`` and ``mode``. Waits until the
+        service has applied every record."""
+        if self.recorder is not None:
+            self.recorder.sync()
+        store = self.backend.engine.store
+        live = [b for b in sorted(store.spans) if b not in self.backend.mirrored]
+        return {"live": capture(store, live), "spans": {b: (s.length, s.capacity) for b, s in store.spans.items()},
+                "next_block": max(store.spans, default=-1) + 1, "mode": self.backend.engine.mode.value}
+
+    def exchange_stats(self, reset: bool = False) -> dict:
+        stats = self.collective.stats
+        out = {"seconds": stats.seconds, "calls": stats.calls, "bytes_sent": stats.bytes_sent}
+        if reset:
+            stats.reset()
+        return out
+
+    def close(self) -> None:
+        if self.recorder is not None:
+            self.recorder.flush()
+        leave()
+
+    def _flush(self) -> None:
+        if self.recorder is not None:
+            self.recorder.flush()

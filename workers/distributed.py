@@ -1,0 +1,229 @@
+"""The distributed ``Backend``: one worker actor's part of a lockstep (SPMD) session.
+
+Every actor holds a full replica of the cache and hosts a contiguous range of workers; all actors
+run the same program and make the same calls in the same order. A step's rows are put in rank
+order (global order), each actor computes its own rows, and:
+
+* instant mode: every layer all-gathers the rows' new K/V before attention (``instant_exchange``);
+* lagged mode: the forward stores only local rows' entries, then one all-gather per step hands
+  every actor the others' entries (read back from the store, written with ``write_entries``).
+
+Sampled tokens are all-gathered, so every actor returns every row's token and takes the same
+decisions. Prefill runs once, on rank 0, and its entries are broadcast. Commits are local (every
+replica appends the same entries). Rank 0 reports writes and commits to a ``Recorder`` (the
+CacheService, off the critical path).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from cache_service.errors import ConfigError
+from cache_service.layout import View
+from cache_service.planner import Mode
+from cache_service.service import Committed, Record, Wrote
+from workers.backend import sample_rows
+from workers.engine import HogwildEngine
+from workers.exchange import Collective
+from workers.sampling import SamplingParams, worker_generator
+
+Rows = Sequence[tuple[View, Sequence[int]]]
+
+
+class Recorder(Protocol):
+    """Where rank 0 reports what it writes (e.g. a buffer flushed to the CacheService)."""
+
+    def record(self, record: Record) -> None: ...
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Workers per actor (``counts``, in rank order) and this actor's rank."""
+
+    counts: tuple[int, ...]
+    rank: int
+
+    def __post_init__(self) -> None:
+        if not self.counts or min(self.counts) < 1:
+            raise ConfigError(f"every actor must host at least one worker, got {self.counts}")
+        if not 0 <= self.rank < len(self.counts):
+            raise ConfigError(f"rank {self.rank} is outside a world of {len(self.counts)} actors")
+
+    @property
+    def world(self) -> int:
+        return len(self.counts)
+
+    @property
+    def workers(self) -> range:
+        """The global worker indices this actor hosts."""
+        start = sum(self.counts[: self.rank])
+        return range(start, start + self.counts[self.rank])
+
+    def owner(self, worker: int) -> int:
+        """The rank hosting ``worker``."""
+        end = 0
+        for rank, count in enumerate(self.counts):
+            end += count
+            if worker < end:
+                return rank
+        raise ConfigError(f"worker {worker} is not hosted: the session has {end} workers")
+
+
+@dataclass(frozen=True)
+class StepOrder:
+    """A step's rows in global (rank) order: ``order[i]`` = caller's index of global row i."""
+
+    order: tuple[int, ...]
+    counts: tuple[int, ...]  # rows per rank in this step
+    local: range  # this rank's global rows
+
+    @classmethod
+    def of(cls, workers: Sequence[int], placement: Placement) -> "StepOrder":
+        owners = [placement.owner(w) for w in workers]
+        order = tuple(sorted(range(len(workers)), key=lambda i: owners[i]))
+        counts = tuple(owners.count(r) for r in range(placement.world))
+        start = sum(counts[: placement.rank])
+        return cls(order, counts, range(start, start + counts[placement.rank]))
+
+    def arrange(self, items: Sequence) -> list:
+        """Caller order -> global order."""
+        return [items[i] for i in self.order]
+
+    def restore(self, items: Sequence) -> list:
+        """Global order -> caller order."""
+        out = [None] * len(items)
+        for global_row, caller in enumerate(self.order):
+            out[caller] = items[global_row]
+        return out
+
+
+class DistributedBackend:
+    """``Backend`` of one actor of a lockstep session (see the module docstring)."""
+
+    def __init__(self, engine: HogwildEngine, params: SamplingParams, placement: Placement,
+                 collective: Collective, recorder: Recorder | None = None) -> None:
+        self.engine = engine
+        self.params = params
+        self.placement = placement
+        self.collective = collective
+        self.recorder = recorder
+        self.generators = {w: worker_generator(params, w) for w in placement.workers}
+        self.mirrored: set[int] = set()  # blocks whose whole K/V the recorder has
+
+    # ---- Backend -----------------------------------------------------------------------------
+    def new_block(self, reserve: int = 16) -> int:
+        return self.engine.new_block(reserve)
+
+    def length(self, block: int) -> int:
+        return self.engine.length(block)
+
+    def prefill(self, block: int, tokens: Sequence[int], context: Sequence[int] = ()) -> None:
+        """Rank 0 encodes the tokens; every other actor receives the entries (one broadcast).
+        Requests that would fail are refused on every rank alike, before any collective."""
+        if not tokens:
+            raise ConfigError("prefill needs at least one token")
+        store, before = self.engine.store, self.engine.length(block)
+        if self.placement.rank == 0:
+            self.engine.prefill(block, tokens, context)
+            entries = store.read(block)[:, :, :, before:]
+        else:
+            layers, two, kv_heads, head_dim = store.shape
+            entries = store.arena.new_empty(layers, two, kv_heads, len(tokens), head_dim)
+        entries = self.collective.broadcast(entries, src=0)
+        if self.placement.rank != 0:
+            store.append(block, entries)
+        self._wrote(block, tokens, entries, mirror=before == 0 or block in self.mirrored)
+
+    def step(self, rows: Rows, workers: Sequence[int], *, greedy: bool = False,
+             suppress: Sequence[int] = ()) -> list[int]:
+        """One token per row, sampled where the row's worker lives, known to every actor."""
+        order = StepOrder.of(workers, self.placement)
+        logits = self._forward(order.arrange(rows), order)
+        mine = [self.generators[w] for w in order.arrange(workers)[order.local.start : order.local.stop]]
+        local = sample_rows(logits, self.params, mine, greedy, suppress) if len(order.local) else []
+        return order.restore(self.collective.gather_tokens(local, order.counts))
+
+    def commit(self, step_block: int, into: int) -> None:
+        before = self.engine.length(into)
+        self.engine.commit(step_block, into)
+        if self.recorder is not None:
+            mirrored = into in self.mirrored
+            entries = self.engine.store.read(into)[:, :, :, before:].to("cpu", copy=True) if mirrored else None
+            self.mirrored.discard(step_block)
+            self.recorder.record(Committed(step_block, into, entries))
+
+    # ---- teacher forcing (tests, benchmarks) -------------------------------------------------
+    def forward(self, rows: Rows, workers: Sequence[int], *, all_logits: bool = False) -> dict[int, torch.Tensor]:
+        """Write the rows' tokens; the logits of this actor's rows, by worker (last token, or all)."""
+        order = StepOrder.of(workers, self.placement)
+        logits = self._forward(order.arrange(rows), order, all_logits=all_logits)
+        mine = order.arrange(workers)[order.local.start : order.local.stop]
+        return {w: logits[i] for i, w in enumerate(mine)}
+
+    # ---- one step ----------------------------------------------------------------------------
+    def _forward(self, rows: Rows, order: StepOrder,
+                 all_logits: bool = False) -> torch.Tensor | list[torch.Tensor] | None:
+        """Run a step of rows in global order; logits of the local rows (None when there are none)."""
+        before = {view.target: self.engine.length(view.target) for view, _ in rows}
+        computes, lagged = len(order.local) > 0, self.engine.mode is Mode.LAGGED
+        solo = self.placement.world == 1
+        logits = None
+        if computes:
+            exchange = None if solo or lagged else self.collective.instant_exchange(order.counts)
+            logits = self.engine.forward(rows, all_logits=all_logits, local=order.local, exchange=exchange)
+        if not solo and (lagged or not computes):
+            self._receive_peers(rows, order, before, advanced=computes)
+        for view, tokens in rows:
+            self._wrote(view.target, tokens, None, mirror=False)
+        return logits
+
+    def _receive_peers(self, rows: Rows, order: StepOrder, before: dict[int, int], advanced: bool) -> None:
+        """Store the other actors' new entries: one gather after a lagged step, or the per-layer
+        gathers an idle actor joins during an instant step (it has no rows to compute)."""
+        width = max(len(tokens) for _, tokens in rows)
+        if self.engine.mode is Mode.LAGGED:
+            gathered = self.collective.gather_rows(self._local_entries(rows, order, before, width), order.counts)
+        else:
+            gathered = self._join_instant_layers(len(order.local), width, order.counts)
+        store = self.engine.store
+        for i, (view, tokens) in enumerate(rows):
+            if i in order.local:
+                continue
+            entries = gathered[i, :, :, :, : len(tokens)]
+            if advanced:
+                store.write_entries(view.target, before[view.target], entries)
+            else:
+                store.append(view.target, entries)
+
+    def _local_entries(self, rows: Rows, order: StepOrder, before: dict[int, int], width: int) -> torch.Tensor:
+        """``[local rows, layers, 2, kv_heads, width, d]``: what the local rows just wrote (padded)."""
+        store = self.engine.store
+        out = store.arena.new_zeros(len(order.local), *store.shape[:3], width, store.shape[3])
+        for k, i in enumerate(order.local):
+            view, tokens = rows[i]
+            begin = before[view.target]
+            out[k, :, :, :, : len(tokens)] = store.read(view.target)[:, :, :, begin : begin + len(tokens)]
+        return out
+
+    def _join_instant_layers(self, local: int, width: int, counts: Sequence[int]) -> torch.Tensor:
+        """The per-layer all-gathers of an instant step, with no rows of our own."""
+        store = self.engine.store
+        layers, _, kv_heads, head_dim = store.shape
+        nothing = store.arena.new_zeros(local, 2, kv_heads, width, head_dim)
+        per_layer = [self.collective.gather_rows(nothing, counts) for _ in range(layers)]
+        return torch.stack(per_layer, dim=1)  # [rows, layers, 2, kv_heads, width, d]
+
+    # ---- the recorder ------------------------------------------------------------------------
+    def _wrote(self, block: int, tokens: Sequence[int], entries: torch.Tensor | None, mirror: bool) -> None:
+        if self.recorder is None:
+            return
+        if mirror:
+            self.mirrored.add(block)
+            self.recorder.record(Wrote(block, list(tokens), entries.to("cpu", copy=True)))
+        else:
+            self.mirrored.discard(block)
+            self.recorder.record(Wrote(block, list(tokens)))
