@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--temperature", type=float, default=0.6, help="0 for greedy")
     run.add_argument("--top-p", type=float, default=0.95)
     run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--actors", type=int, default=0,
+                     help="run the workers on this many Ray worker actors (0: in this process)")
+    run.add_argument("--placement", default="PACK", help="Ray placement strategy: PACK | SPREAD")
+    run.add_argument("--ray-address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else local)")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of the live view")
     run.add_argument("--transcript", type=Path, help="also save the transcript (.json or .md)")
     models = commands.add_parser("models", help="manage models")
@@ -65,7 +69,7 @@ def _run(args: argparse.Namespace) -> int:
 
     hf_logging.disable_progress_bar()  # the terminal belongs to the live view (and stderr to errors)
     hf_logging.set_verbosity_error()
-    session = Session(args.problem, _config(args))
+    session = Session(args.problem, _config(args), runner=_runner(args))
     view = None if args.json else _live_view()
     for event in session.events():
         if view:
@@ -89,6 +93,17 @@ def _config(args: argparse.Namespace):
                               max_step_tokens=args.max_step_tokens, check_every=args.check_every)
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     return SessionConfig(protocol=protocol, sampling=sampling, model=args.model, mode=args.mode)
+
+
+def _runner(args: argparse.Namespace):
+    """A Ray runner when ``--actors`` is given, else None (all workers in this process)."""
+    if args.actors < 0:
+        raise ConfigError(f"--actors must be >= 0, got {args.actors}")
+    if not args.actors:
+        return None
+    from cluster.ray_session import RayRunner
+
+    return RayRunner(args.actors, strategy=args.placement.upper(), address=args.ray_address)
 
 
 def _live_view():

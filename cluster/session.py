@@ -4,8 +4,9 @@
     for event in session.events(): ...
     result = session.result()      # drains what is left; answer, texts, transcript, timings
 
-Where the workers run is a parameter: ``backend_factory(lm, config) -> Backend``. The default,
-``local_backend``, puts every worker on one ``HogwildEngine``; a distributed backend plugs in here.
+Where the workers run is a parameter: ``backend_factory(lm, config) -> Backend`` drives the program
+in this process (default ``local_backend``: every worker on one ``HogwildEngine``), or a ``runner``
+(e.g. ``cluster.ray_session.RayRunner``) runs it elsewhere and streams its events back.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class SessionConfig:
 
 
 BackendFactory = Callable[[LoadedModel, SessionConfig], Backend]
+Runner = Callable[[Program, SessionConfig], Iterator[Event]]
 
 
 def local_backend(lm: LoadedModel, config: SessionConfig) -> Backend:
@@ -71,6 +73,7 @@ class Session:
         *,
         lm: LoadedModel | None = None,
         backend_factory: BackendFactory = local_backend,
+        runner: Runner | None = None,
     ) -> None:
         self.config = config or SessionConfig()
         check_problem(problem)  # before the (slow) model load
@@ -78,6 +81,7 @@ class Session:
         codec = codec_for(self.lm.tokenizer, self.lm.config.vocab_size)
         self.program = Program(problem, self.config.protocol, codec, self.lm.max_context)
         self.backend_factory = backend_factory
+        self.runner = runner
         self._builder = TranscriptBuilder(self.program.problem, time.perf_counter())
         self._stream: Iterator[Event] | None = None
 
@@ -95,7 +99,10 @@ class Session:
 
     def _run(self) -> Iterator[Event]:
         self._builder.started_at = time.perf_counter()
-        backend = self.backend_factory(self.lm, self.config)
-        for event in self.program.run(backend):
+        if self.runner is not None:
+            events = self.runner(self.program, self.config)
+        else:
+            events = self.program.run(self.backend_factory(self.lm, self.config))
+        for event in events:
             self._builder.add(event, time.perf_counter())
             yield event
