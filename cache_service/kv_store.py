@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from cache_service.errors import LayoutError
-from kernels.rope import RopeTable, rotate
+from kernels.rope import RopeTable, rotate_by
 
 MIN_BLOCK_CAPACITY = 16
 
@@ -143,8 +143,7 @@ class KVStore:
         n = self.length(src)
         self.reserve(dst, n)  # may move blocks: read src only afterwards
         entries = self.read(src).clone()
-        cos, sin = rope.cos_sin(torch.tensor(offset), entries.dtype, entries.device)
-        entries[:, 0] = rotate(entries[:, 0], cos, sin)
+        entries[:, 0] = rotate_by(entries[:, 0], torch.tensor(offset), rope)
         self.append(dst, entries)
         self.span(src).length = 0
 
