@@ -1,10 +1,13 @@
 """Distributed overhead: ms per decode step of 2 workers on 1 actor vs 2 actors (instant, lagged),
-and on the single-process engine, same model and context (a shared prompt of C tokens).
+and on the single-process engine, same model and context (a shared prompt of C tokens). Instant
+mode runs twice: overlapping each layer's K/V all-gather with attention over the prompt (the
+default) and waiting for it at once (``EngineSpec.overlap=False``).
 
 Each variant decodes in blocks of ``--steps`` steps (``Backend.step``: forward, greedy sample,
 token all-gather); variants alternate (A B C D A B C D ...). Steps are timed inside rank 0, so the
 Ray call that starts a block is not counted; the exchange column is rank 0's time in collectives
-(per-layer K/V all-gathers, the lagged all-gather, the token all-gather). CPU time sums every
+(per-layer K/V all-gathers, the lagged all-gather, the token all-gather; with overlap only the
+part not hidden behind attention). CPU time sums every
 process of the variant (all actors, or the driver for the engine).
 
     python -m benchmarks.distributed_overhead            # default model, C = 512
@@ -149,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         "engine (1 process)": EngineVariant(lm, prompt, reserve),
         "1 actor x 2 workers": RayVariant((2,), EngineSpec(model), prompt, reserve),
         "2 actors instant": RayVariant((1, 1), EngineSpec(model), prompt, reserve),
+        "2 actors no overlap": RayVariant((1, 1), EngineSpec(model, overlap=False), prompt, reserve),
         "2 actors lagged": RayVariant((1, 1), EngineSpec(model, mode="lagged"), prompt, reserve),
     }
     try:
@@ -170,8 +174,10 @@ def report(results: dict[str, tuple[Timing, float]], model: str, args: argparse.
         print(f"{name:<20} | {t.median:>8.1f} ({t.spread:>11}) | {exchange * 1000 / n:>16.1f} | "
               f"{t.user_s * 1000 / n:>9.1f}/{t.system_s * 1000 / n:<9.1f}")
     base = results["1 actor x 2 workers"][0].median
-    for name in ("2 actors instant", "2 actors lagged", "engine (1 process)"):
+    for name in ("2 actors instant", "2 actors no overlap", "2 actors lagged", "engine (1 process)"):
         print(f"ratio {name} / 1 actor x 2 workers = {results[name][0].median / base:.3f}")
+    overlap = results["2 actors instant"][0].median / results["2 actors no overlap"][0].median
+    print(f"ratio 2 actors instant, overlap / no overlap = {overlap:.3f}")
     sys.stdout.flush()
     print(f"distributed_overhead_ratio={results['2 actors instant'][0].median / base:.3f}")
 

@@ -98,7 +98,7 @@ def plan_step(
                    store.slots(rows[i].view.target, before[rows[i].view.target],
                                before[rows[i].view.target] + rows[i].tokens)]
 
-    direct_blocks = _direct_blocks(reads, direct_min)
+    direct_blocks = _direct_blocks(reads, direct_min, writers)
     shape = _Shape(rows, tokens, group, local, rope, dtype, device)
     direct = [_direct_chunk(store, shape, [r for r in reads if r.block == b]) for b in direct_blocks]
     tail = _tail(store, shape, [[r for r in reads if r.row == i and r.block not in direct_blocks]
@@ -109,6 +109,7 @@ def plan_step(
         write_src=None if len(write_src) == len(writing) * tokens else torch.tensor(write_src, device=device),
         write_slots=torch.tensor(write_slots, device=device),
         direct=tuple(direct),
+        stable=sum(b not in writers for b in direct_blocks),
         tail=tail,
     )
     return PlannedStep(plan, positions.to(device), view_length)
@@ -154,14 +155,15 @@ def _reads(store: KVStore, rows: list[Row], mode: Mode, before: dict[int, int],
     return reads, longest
 
 
-def _direct_blocks(reads: list[_Read], direct_min: int) -> list[int]:
-    """Blocks read in place: long ones, and any block every reader sees without a shift."""
+def _direct_blocks(reads: list[_Read], direct_min: int, writers: dict[int, int]) -> list[int]:
+    """Blocks read in place: long ones, and any block every reader sees without a shift. Those
+    nobody writes this step (stable: they can be read before the new entries arrive) come first."""
     shifted = {r.block for r in reads if r.shift != 0}
     chosen: list[int] = []
     for r in reads:
         if r.block not in chosen and (r.visible >= direct_min or r.block not in shifted):
             chosen.append(r.block)
-    return chosen
+    return sorted(chosen, key=lambda b: b in writers)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,10 @@ Blocks are read in two ways, chosen per step by the planner (one plan serves eve
 * the **tail**: small blocks (headers, unfinished steps), gathered per row in view order and rotated
   in one pass, then read with one batched matmul. Its size is bounded by step lengths, not context.
 
+Direct chunks whose keys exist before the step (no row writes into them: the shared history) are
+**stable** and come first; they are scored before the step's new entries are stored, so a caller
+that receives those entries from other devices can overlap the transfer with that work (``arrive``).
+
 Scores of all chunks are concatenated and normalised by one softmax (the same as a log-sum-exp
 merge of per-chunk results); additive masks carry causality inside a row's own block, visibility
 (lagged peers, blocks a row does not read) and padding. Queries are laid out ``[kv_heads, rows *
@@ -21,6 +25,7 @@ group * T, d]`` so grouped-query heads share each key read.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +62,7 @@ class AttentionPlan:
     write_src: torch.Tensor | None  # [n_new] indices into written rows * T; None: all are real
     write_slots: torch.Tensor  # [n_new] arena slots of the new entries
     direct: tuple[DirectChunk, ...]
+    stable: int  # the first ``stable`` direct chunks hold no entry written this step
     tail: TailGather | None
 
 
@@ -72,23 +78,32 @@ def write_new_entries(
 
 
 def block_attention(
-    q: torch.Tensor, kv: torch.Tensor, plan: AttentionPlan, scale: float
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    plan: AttentionPlan,
+    scale: float,
+    arrive: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Attention output ``[rows, T, heads, d]`` (a view) for queries ``q`` ``[rows, heads, T, d]``.
 
-    ``kv`` is one layer of the arena, ``[2, kv_heads, capacity, d]`` (keys, values), already holding
-    this step's new entries.
+    ``kv`` is one layer of the arena, ``[2, kv_heads, capacity, d]`` (keys, values). It holds this
+    step's new entries already, or ``arrive`` stores them: it is called once, after the stable
+    chunks are scored and before anything that reads a new entry.
     """
     rows, n_heads, tokens, dim = q.shape
     kv_heads = kv.shape[1]
     width = n_heads // kv_heads * tokens  # query rows per (row, kv head): group * T
     q = q.reshape(rows, kv_heads, width, dim).transpose(0, 1).contiguous().mul_(scale)  # [kvh, R, gT, d]
 
-    parts: list[torch.Tensor] = []  # scores, each [kvh, R * gT, L]
-    for chunk in plan.direct:
+    def direct_scores(chunk: DirectChunk) -> torch.Tensor:  # [kvh, R * gT, L]
         qc = q if chunk.rotation is None else chunk.rotation.apply(q)
         keys = kv[0, :, chunk.start : chunk.start + chunk.length].transpose(1, 2)
-        parts.append(_scores(chunk.mask, qc.view(kv_heads, rows * width, dim), keys))
+        return _scores(chunk.mask, qc.view(kv_heads, rows * width, dim), keys)
+
+    parts = [direct_scores(chunk) for chunk in plan.direct[: plan.stable]]
+    if arrive is not None:
+        arrive()
+    parts += [direct_scores(chunk) for chunk in plan.direct[plan.stable :]]
     if plan.tail is not None:
         tail = plan.tail
         gathered = kv.index_select(2, tail.slots)  # [2, kvh, R * S, d]

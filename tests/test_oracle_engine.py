@@ -158,6 +158,11 @@ def plan_spy(monkeypatch):
 
 
 def assert_paths(plans, *, long_direct):
+    """Both attention paths ran; direct chunks read before the step's entries arrive hold none."""
+    for p in plans:
+        written = set(p.write_slots.tolist())
+        assert not any(c.start <= s < c.start + c.length for c in p.direct[: p.stable] for s in written)
+    assert any(p.stable for p in plans) and any(len(p.direct) > p.stable for p in plans)
     assert any(p.tail is not None for p in plans), "the tail path was not exercised"
     assert any(c.rotation is not None for p in plans for c in p.direct), "no direct chunk at an offset"
     if long_direct:

@@ -64,6 +64,7 @@ class EngineSpec:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     capacity: int = 4096
     direct_min: int = DIRECT_MIN_TOKENS
+    overlap: bool = True  # instant mode: overlap each layer's K/V exchange with attention over history
 
     def __post_init__(self) -> None:
         Mode.parse(self.mode)
@@ -160,7 +161,8 @@ class WorkerActor:
 
     def _backend(self, mode: str, sampling: SamplingParams) -> DistributedBackend:
         engine = HogwildEngine(self.lm, mode=mode, capacity=self.spec.capacity, direct_min=self.spec.direct_min)
-        return DistributedBackend(engine, sampling, self.placement, self.collective, self.recorder)
+        return DistributedBackend(engine, sampling, self.placement, self.collective, self.recorder,
+                                  overlap=self.spec.overlap)
 
     # ---- lockstep cache operations -----------------------------------------------------------
     def new_block(self, reserve: int = 16) -> int:

@@ -4,7 +4,8 @@ Every actor holds a full replica of the cache and hosts a contiguous range of wo
 run the same program and make the same calls in the same order. A step's rows are put in rank
 order (global order), each actor computes its own rows, and:
 
-* instant mode: every layer all-gathers the rows' new K/V before attention (``instant_exchange``);
+* instant mode: every layer all-gathers the rows' new K/V (``instant_exchange``), overlapping the
+  transfer with attention over the shared history (blocks nobody writes this step);
 * lagged mode: the forward stores only local rows' entries, then one all-gather per step hands
   every actor the others' entries (read back from the store, written with ``write_entries``).
 
@@ -105,8 +106,9 @@ class DistributedBackend:
     """``Backend`` of one actor of a lockstep session (see the module docstring)."""
 
     def __init__(self, engine: HogwildEngine, params: SamplingParams, placement: Placement,
-                 collective: Collective, recorder: Recorder | None = None) -> None:
+                 collective: Collective, recorder: Recorder | None = None, overlap: bool = True) -> None:
         self.engine = engine
+        self.overlap = overlap
         self.params = params
         self.placement = placement
         self.collective = collective
@@ -173,7 +175,7 @@ class DistributedBackend:
         solo = self.placement.world == 1
         logits = None
         if computes:
-            exchange = None if solo or lagged else self.collective.instant_exchange(order.counts)
+            exchange = None if solo or lagged else self.collective.instant_exchange(order.counts, self.overlap)
             logits = self.engine.forward(rows, all_logits=all_logits, local=order.local, exchange=exchange)
         if not solo and (lagged or not computes):
             self._receive_peers(rows, order, before, advanced=computes)

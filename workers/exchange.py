@@ -2,7 +2,9 @@
 
 Each actor computes some rows of a step; ``Collective.gather_rows`` all-gathers a per-actor
 ``[local rows, ...]`` tensor into ``[all rows, ...]`` in rank order (padding local rows to the
-largest count, since all_gather needs equal shapes). At world size 1 nothing is communicated.
+largest count, since all_gather needs equal shapes). ``start_gather`` launches it asynchronously
+and hands back the wait, so an instant step overlaps each layer's K/V exchange with attention over
+the shared history. At world size 1 nothing is communicated.
 Backends: gloo on CPU, nccl on CUDA (one rank per GPU). The time spent in collectives is counted.
 """
 
@@ -11,14 +13,14 @@ from __future__ import annotations
 import datetime
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from cache_service.errors import HogwildError
-from workers.hook import Exchange
+from workers.hook import Exchange, Received
 
 
 class RendezvousError(HogwildError):
@@ -27,7 +29,8 @@ class RendezvousError(HogwildError):
 
 @dataclass
 class ExchangeStats:
-    """Host time spent in collectives, how many were made and the bytes sent by this rank."""
+    """Host time blocked in collectives (launching them and waiting for them: with overlap, only
+    the part not hidden behind other work), how many were made and the bytes sent by this rank."""
 
     seconds: float = 0.0
     calls: int = 0
@@ -80,16 +83,27 @@ class Collective:
 
     def gather_rows(self, local: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         """``[counts[rank], ...]`` from every rank -> ``[sum(counts), ...]`` in rank order."""
+        return self.start_gather(local, counts)()
+
+    def start_gather(self, local: torch.Tensor, counts: Sequence[int]) -> Callable[[], torch.Tensor]:
+        """Launch ``gather_rows`` and return the call that waits for its result."""
         if self.world == 1:
-            return local
+            return lambda: local
         start = time.perf_counter()
         padded = local.new_zeros((max(counts), *local.shape[1:]))
         padded[: local.shape[0]] = local
         parts = [torch.empty_like(padded) for _ in range(self.world)]
-        dist.all_gather(parts, padded)
-        out = torch.cat([p[:c] for p, c in zip(parts, counts)])
+        work = dist.all_gather(parts, padded, async_op=True)
         self._count(start, padded)
-        return out
+
+        def wait() -> torch.Tensor:
+            start = time.perf_counter()
+            work.wait()
+            out = torch.cat([p[:c] for p, c in zip(parts, counts)])
+            self.stats.seconds += time.perf_counter() - start
+            return out
+
+        return wait
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         """``tensor`` of rank ``src``; other ranks pass a buffer of the same shape and dtype."""
@@ -106,12 +120,19 @@ class Collective:
         local = torch.tensor(list(tokens), dtype=torch.long, device=self.device).reshape(len(tokens))
         return self.gather_rows(local, counts).tolist()
 
-    def instant_exchange(self, counts: Sequence[int]) -> Exchange:
-        """The per-layer hook of an instant step: every row's new K/V, in one all-gather per layer."""
+    def instant_exchange(self, counts: Sequence[int], overlap: bool = True) -> Exchange:
+        """The per-layer hook of an instant step: every row's new K/V, in one all-gather per layer.
+        With ``overlap`` the layer works while the gather is in flight; without, it waits at once."""
 
-        def exchange(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            both = self.gather_rows(torch.stack((k, v), dim=1), counts)  # [rows, 2, kvh, T, d]
-            return both[:, 0], both[:, 1]
+        def exchange(layer: int, k: torch.Tensor, v: torch.Tensor) -> Received:
+            wait = self.start_gather(torch.stack((k, v), dim=1), counts)  # [rows, 2, kvh, T, d]
+            waited = None if overlap else wait()
+
+            def received() -> tuple[torch.Tensor, torch.Tensor]:
+                both = wait() if waited is None else waited
+                return both[:, 0], both[:, 1]
+
+            return received
 
         return exchange
 
@@ -119,3 +140,4 @@ class Collective:
         self.stats.seconds += time.perf_counter() - start
         self.stats.calls += 1
         self.stats.bytes_sent += sent.numel() * sent.element_size()
+

@@ -20,8 +20,11 @@ from kernels.attention import AttentionPlan, block_attention, write_new_entries
 
 ATTENTION_NAME = "hogwild"
 
-# exchange(layer, k_new, v_new) -> (k, v) for every row of the step (identity on one device)
-Exchange = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# exchange(layer, k_new, v_new) starts sending this device's new entries of a layer and returns
+# ``received``: a call that waits for every row's (k, v) of the step. In between, the layer scores
+# the blocks that hold no new entry (the shared history), so the transfer overlaps that work.
+Received = Callable[[], tuple[torch.Tensor, torch.Tensor]]
+Exchange = Callable[[int, torch.Tensor, torch.Tensor], Received]
 
 
 @dataclass(frozen=True)
@@ -48,13 +51,14 @@ def hogwild_attention(
             "the model runs with the 'hogwild' attention but no step context was passed; "
             "call it through workers.engine.HogwildEngine"
         )
-    layer = module.layer_idx
-    if hogwild.exchange is not None:
-        key, value = hogwild.exchange(layer, key, value)
+    layer, plan = module.layer_idx, hogwild.plan
     kv = hogwild.store.arena[layer]
-    write_new_entries(kv, key, value, hogwild.plan)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return block_attention(query, kv, hogwild.plan, scale), None
+    if hogwild.exchange is None:
+        write_new_entries(kv, key, value, plan)
+        return block_attention(query, kv, plan, scale), None
+    received = hogwild.exchange(layer, key, value)
+    return block_attention(query, kv, plan, scale, arrive=lambda: write_new_entries(kv, *received(), plan)), None
 
 
 AttentionInterface.register(ATTENTION_NAME, hogwild_attention)
