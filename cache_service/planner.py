@@ -19,6 +19,17 @@ from kernels.attention import AttentionPlan, DirectChunk, TailGather
 from kernels.rope import RopeTable
 
 DIRECT_MIN_TOKENS = 128
+# Unwritten history (tokens read in place) from which a step scores it while the new K/V entries are
+# still being exchanged (instant mode across devices). NCCL moves them on its own stream, so that
+# always pays; gloo moves them on host threads that compete with the step for the CPU, which was
+# measured to cost 8% at 512 tokens, ~3% at 2048 and to save 3% at 4096 on a 2-core machine
+# (benchmarks/RESULTS.md, distributed_overhead).
+OVERLAP_MIN_TOKENS = {"cuda": 0, "cpu": 4096}
+
+
+def overlap_min_tokens(device: torch.device) -> int:
+    """The default ``overlap_min`` of ``plan_step`` on ``device``."""
+    return OVERLAP_MIN_TOKENS.get(device.type, 0)
 
 
 class Mode(str, Enum):
@@ -73,13 +84,16 @@ def plan_step(
     direct_min: int = DIRECT_MIN_TOKENS,
     local: range | None = None,
     write_remote: bool = True,
+    overlap_min: int = 0,
 ) -> PlannedStep:
     """Plan one step for query heads in groups of ``group`` per kv head.
 
     ``local``: the rows this device computes (default all; queries, positions and masks cover only
     them). ``write_remote``: whether the layers store the new entries of all rows (they arrive by
-    exchange, instant mode) or only the local rows' (the rest is exchanged after the step). Call it
-    before the new tokens count in the block lengths; the caller advances them after the forward.
+    exchange, instant mode) or only the local rows' (the rest is exchanged after the step).
+    ``overlap_min``: the unwritten history read in place is scored before the new entries are
+    stored (while they travel) when it holds at least this many tokens. Call it before the new
+    tokens count in the block lengths; the caller advances them after the forward.
     """
     writers = _writers(rows)
     before = {b: store.length(b) for b in writers}
@@ -103,13 +117,14 @@ def plan_step(
     direct = [_direct_chunk(store, shape, [r for r in reads if r.block == b]) for b in direct_blocks]
     tail = _tail(store, shape, [[r for r in reads if r.row == i and r.block not in direct_blocks]
                                 for i in range(n_rows)])
+    unwritten = direct[: sum(b not in writers for b in direct_blocks)]
     plan = AttentionPlan(
         rows=len(local),
         tokens=tokens,
         write_src=None if len(write_src) == len(writing) * tokens else torch.tensor(write_src, device=device),
         write_slots=torch.tensor(write_slots, device=device),
         direct=tuple(direct),
-        stable=sum(b not in writers for b in direct_blocks),
+        stable=len(unwritten) if sum(c.length for c in unwritten) >= overlap_min else 0,
         tail=tail,
     )
     return PlannedStep(plan, positions.to(device), view_length)

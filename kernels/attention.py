@@ -13,9 +13,9 @@ Blocks are read in two ways, chosen per step by the planner (one plan serves eve
 * the **tail**: small blocks (headers, unfinished steps), gathered per row in view order and rotated
   in one pass, then read with one batched matmul. Its size is bounded by step lengths, not context.
 
-Direct chunks whose keys exist before the step (no row writes into them: the shared history) are
-**stable** and come first; they are scored before the step's new entries are stored, so a caller
-that receives those entries from other devices can overlap the transfer with that work (``arrive``).
+Direct chunks whose keys exist before the step (no row writes into them: the shared history) come
+first; the plan's leading ``stable`` ones are scored before the step's new entries are stored, so a
+caller that receives those entries from other devices overlaps the transfer with them (``arrive``).
 
 Scores of all chunks are concatenated and normalised by one softmax (the same as a log-sum-exp
 merge of per-chunk results); additive masks carry causality inside a row's own block, visibility
@@ -62,7 +62,7 @@ class AttentionPlan:
     write_src: torch.Tensor | None  # [n_new] indices into written rows * T; None: all are real
     write_slots: torch.Tensor  # [n_new] arena slots of the new entries
     direct: tuple[DirectChunk, ...]
-    stable: int  # the first ``stable`` direct chunks hold no entry written this step
+    stable: int  # the first ``stable`` direct chunks hold no entry written this step: read them early
     tail: TailGather | None
 
 

@@ -136,6 +136,17 @@ def test_line_view_streams_plain_lines():
 
 
 @pytest.mark.slow
+def test_converting_the_default_model_prints_nothing(tmp_path, capfd):
+    """On a fresh machine the first command converts the GGUF; transformers' progress bar then
+    reached stderr, so a one-line error came with a dozen lines before it."""
+    from workers.model_store import _convert, default_model_path
+
+    _convert(next(default_model_path().glob("*.gguf")), tmp_path / "model")
+    assert (tmp_path / "model" / "config.json").is_file()
+    assert capfd.readouterr().err == ""
+
+
+@pytest.mark.slow
 def test_models_pull_prints_the_model_directory(capsys):
     assert main(["models", "pull"]) == 0
     assert "SmolLM2-135M-Instruct" in capsys.readouterr().out

@@ -36,11 +36,11 @@ ATOL = 1e-5
 TINY = tiny_config("llama", initializer_range=0.15)  # sharp attention: position errors show
 
 
-def tiny_spec(mode: str = "instant", overlap: bool = True) -> EngineSpec:
+def tiny_spec(mode: str = "instant", overlap_min: int | None = 0) -> EngineSpec:
     """``direct_min`` 16: the Script's shared history (24+ tokens) is read in place and written by
-    nobody during a step, so instant steps overlap their exchange with it (the reference reads it
-    through the tail path: the two must agree)."""
-    return EngineSpec(ModelSpec(TINY, dtype="float32", seed=0), mode=mode, direct_min=16, overlap=overlap)
+    nobody during a step, so with ``overlap_min`` 0 instant steps overlap their exchange with it (the
+    reference reads it through the tail path: the two must agree)."""
+    return EngineSpec(ModelSpec(TINY, dtype="float32", seed=0), mode=mode, direct_min=16, overlap_min=overlap_min)
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +240,8 @@ def test_placement_invariance_tiny(tiny_session, references, mode):
 
 @pytest.mark.ray
 def test_instant_without_overlap_gives_the_same_logits(no_leaks, references):
-    with RaySession(RayConfig((2, 1)), tiny_spec(overlap=False)) as session:
+    """The CPU default: a history this short is not worth overlapping (the exchange is awaited first)."""
+    with RaySession(RayConfig((2, 1)), tiny_spec(overlap_min=None)) as session:
         assert_same_logits(Script().run(RayCache(session)), references["instant"])
 
 

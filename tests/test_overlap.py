@@ -50,15 +50,26 @@ def _two_workers(store: KVStore, tokens: int) -> list[Row]:
     return [Row(View.of(history, own[1 - w], own[w]), tokens) for w in range(2)]
 
 
+def _plan(store: KVStore, tokens: int, overlap_min: int = 0) -> AttentionPlan:
+    rows = _two_workers(store, tokens)
+    return plan_step(store, rows, Mode.INSTANT, _rope(), group=GROUP, direct_min=4, overlap_min=overlap_min).plan
+
+
 @pytest.mark.parametrize("tokens", [1, 3])
 def test_planner_puts_unwritten_direct_chunks_first(tokens):
     store = KVStore(1, KV_HEADS, HEAD_DIM, capacity=256)
-    planned = plan_step(store, _two_workers(store, tokens), Mode.INSTANT, _rope(), group=GROUP, direct_min=4)
-    plan = planned.plan
+    plan = _plan(store, tokens)
     assert plan.stable == 1 and len(plan.direct) == 3  # the history, then the two step blocks
+    assert plan.direct[0].length == 40
     assert not _written(plan) & set(_stable_slots(plan))
     for chunk in plan.direct[plan.stable :]:
         assert _written(plan) & set(range(chunk.start, chunk.start + chunk.length))
+
+
+def test_a_short_history_is_not_read_early():
+    """``overlap_min``: the history (40 tokens) is read early from 40 tokens on, not from 41."""
+    stable = [_plan(KVStore(1, KV_HEADS, HEAD_DIM, capacity=256), 1, m).stable for m in (40, 41)]
+    assert stable == [1, 0]
 
 
 @pytest.mark.parametrize("tokens", [1, 3])
@@ -67,7 +78,7 @@ def test_stable_chunks_are_scored_before_the_new_entries_arrive(tokens):
     result is bit-identical to writing the entries first, so nothing scored before ``arrive`` read a
     new entry and every stable score was taken before it."""
     store = KVStore(1, KV_HEADS, HEAD_DIM, capacity=256)
-    plan = plan_step(store, _two_workers(store, tokens), Mode.INSTANT, _rope(), group=GROUP, direct_min=4).plan
+    plan = _plan(store, tokens)
     q = _randn(2, KV_HEADS * GROUP, tokens, HEAD_DIM, seed=10)
     k, v = _randn(2, KV_HEADS, tokens, HEAD_DIM, seed=11), _randn(2, KV_HEADS, tokens, HEAD_DIM, seed=12)
 
@@ -93,7 +104,7 @@ def test_engine_with_a_deferred_exchange_equals_the_engine():
     """The engine's hook stores what a deferred exchange hands over, one wait per layer; the logits
     equal a step without exchange bit for bit (a prompt long enough to be read in place)."""
     lm = tiny_model("llama")
-    plain, deferred = HogwildEngine(lm, direct_min=16), HogwildEngine(lm, direct_min=16)
+    plain, deferred = HogwildEngine(lm, direct_min=16), HogwildEngine(lm, direct_min=16, overlap_min=0)
     waits = []
 
     def exchange(layer: int, k: torch.Tensor, v: torch.Tensor):

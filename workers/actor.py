@@ -64,10 +64,13 @@ class EngineSpec:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     capacity: int = 4096
     direct_min: int = DIRECT_MIN_TOKENS
-    overlap: bool = True  # instant mode: overlap each layer's K/V exchange with attention over history
+    overlap_min: int | None = None  # history tokens from which the K/V exchange overlaps attention
 
     def __post_init__(self) -> None:
         Mode.parse(self.mode)
+        if self.overlap_min is not None and self.overlap_min < 0:
+            raise ConfigError(f"overlap_min must be >= 0 tokens (or None for the device's default), "
+                              f"got {self.overlap_min}")
 
 
 class Program(Protocol):
@@ -160,9 +163,9 @@ class WorkerActor:
             self.recorder.clear()
 
     def _backend(self, mode: str, sampling: SamplingParams) -> DistributedBackend:
-        engine = HogwildEngine(self.lm, mode=mode, capacity=self.spec.capacity, direct_min=self.spec.direct_min)
-        return DistributedBackend(engine, sampling, self.placement, self.collective, self.recorder,
-                                  overlap=self.spec.overlap)
+        engine = HogwildEngine(self.lm, mode=mode, capacity=self.spec.capacity, direct_min=self.spec.direct_min,
+                               overlap_min=self.spec.overlap_min)
+        return DistributedBackend(engine, sampling, self.placement, self.collective, self.recorder)
 
     # ---- lockstep cache operations -----------------------------------------------------------
     def new_block(self, reserve: int = 16) -> int:

@@ -5,7 +5,7 @@ run the same program and make the same calls in the same order. A step's rows ar
 order (global order), each actor computes its own rows, and:
 
 * instant mode: every layer all-gathers the rows' new K/V (``instant_exchange``), overlapping the
-  transfer with attention over the shared history (blocks nobody writes this step);
+  transfer with attention over a long enough shared history (``HogwildEngine.overlap_min``);
 * lagged mode: the forward stores only local rows' entries, then one all-gather per step hands
   every actor the others' entries (read back from the store, written with ``write_entries``).
 
@@ -106,9 +106,8 @@ class DistributedBackend:
     """``Backend`` of one actor of a lockstep session (see the module docstring)."""
 
     def __init__(self, engine: HogwildEngine, params: SamplingParams, placement: Placement,
-                 collective: Collective, recorder: Recorder | None = None, overlap: bool = True) -> None:
+                 collective: Collective, recorder: Recorder | None = None) -> None:
         self.engine = engine
-        self.overlap = overlap
         self.params = params
         self.placement = placement
         self.collective = collective
@@ -175,7 +174,7 @@ class DistributedBackend:
         solo = self.placement.world == 1
         logits = None
         if computes:
-            exchange = None if solo or lagged else self.collective.instant_exchange(order.counts, self.overlap)
+            exchange = None if solo or lagged else self.collective.instant_exchange(order.counts)
             logits = self.engine.forward(rows, all_logits=all_logits, local=order.local, exchange=exchange)
         if not solo and (lagged or not computes):
             self._receive_peers(rows, order, before, advanced=computes)

@@ -9,7 +9,7 @@ import torch
 from cache_service.errors import ConfigError, HogwildError, LayoutError
 from cache_service.kv_store import KVStore
 from cache_service.layout import View
-from cache_service.planner import DIRECT_MIN_TOKENS, Mode, Row, plan_step
+from cache_service.planner import DIRECT_MIN_TOKENS, Mode, Row, overlap_min_tokens, plan_step
 from workers.hook import ATTENTION_NAME, Exchange, StepContext
 from workers.model import LoadedModel
 
@@ -26,12 +26,14 @@ class HogwildEngine:
         mode: Mode | str = Mode.INSTANT,
         capacity: int = 4096,
         direct_min: int = DIRECT_MIN_TOKENS,
+        overlap_min: int | None = None,
     ) -> None:
         config = lm.config
         head_dim = lm.rope.head_dim
         self.lm = lm
         self.mode = Mode.parse(mode)
         self.direct_min = direct_min
+        self.overlap_min = overlap_min_tokens(lm.device) if overlap_min is None else overlap_min
         self.group = config.num_attention_heads // config.num_key_value_heads
         self.store = KVStore(config.num_hidden_layers, config.num_key_value_heads, head_dim,
                              capacity=capacity, dtype=lm.dtype, device=lm.device)
@@ -67,7 +69,7 @@ class HogwildEngine:
 
         Multi-device use: ``local`` are the rows computed here (logits are returned for them only);
         with ``exchange`` every layer receives all rows' new entries from it and stores them all
-        (instant); without it only the local rows' entries are stored, and the caller must store
+        (instant; scoring a history of ``overlap_min`` tokens or more while they travel); without it only the local rows' entries are stored, and the caller must store
         the others' after the step (``store.write_entries``; lagged). Every block length advances.
         """
         self._check_attention()
@@ -76,7 +78,7 @@ class HogwildEngine:
         for row in rows:
             self.store.reserve(row.view.target, row.tokens)
         planned = plan_step(self.store, rows, self.mode, self.lm.rope, group=self.group,
-                            direct_min=self.direct_min, local=local,
+                            direct_min=self.direct_min, local=local, overlap_min=self.overlap_min,
                             write_remote=exchange is not None or len(local) == len(rows))
         self._check_context(planned.view_length)
         plan, device, width = planned.plan, self.lm.device, planned.plan.tokens

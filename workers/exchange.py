@@ -120,16 +120,15 @@ class Collective:
         local = torch.tensor(list(tokens), dtype=torch.long, device=self.device).reshape(len(tokens))
         return self.gather_rows(local, counts).tolist()
 
-    def instant_exchange(self, counts: Sequence[int], overlap: bool = True) -> Exchange:
-        """The per-layer hook of an instant step: every row's new K/V, in one all-gather per layer.
-        With ``overlap`` the layer works while the gather is in flight; without, it waits at once."""
+    def instant_exchange(self, counts: Sequence[int]) -> Exchange:
+        """The per-layer hook of an instant step: every row's new K/V, in one all-gather per layer,
+        launched when the layer has them and waited for when its attention needs them."""
 
         def exchange(layer: int, k: torch.Tensor, v: torch.Tensor) -> Received:
             wait = self.start_gather(torch.stack((k, v), dim=1), counts)  # [rows, 2, kvh, T, d]
-            waited = None if overlap else wait()
 
             def received() -> tuple[torch.Tensor, torch.Tensor]:
-                both = wait() if waited is None else waited
+                both = wait()
                 return both[:, 0], both[:, 1]
 
             return received
