@@ -69,8 +69,9 @@ class HogwildEngine:
 
         Multi-device use: ``local`` are the rows computed here (logits are returned for them only);
         with ``exchange`` every layer receives all rows' new entries from it and stores them all
-        (instant; scoring a history of ``overlap_min`` tokens or more while they travel); without it only the local rows' entries are stored, and the caller must store
-        the others' after the step (``store.write_entries``; lagged). Every block length advances.
+        (instant; a history of ``overlap_min`` tokens or more is scored while they travel); without
+        it only the local rows' entries are stored, and the caller must store the others' after the
+        step (``store.write_entries``; lagged). Every block length advances.
         """
         self._check_attention()
         rows = [Row(view, len(tokens)) for view, tokens in steps]
