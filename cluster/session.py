@@ -6,7 +6,8 @@
 
 Where the workers run is a parameter: ``backend_factory(lm, config) -> Backend`` drives the program
 in this process (default ``local_backend``: every worker on one ``HogwildEngine``), or a ``runner``
-(e.g. ``cluster.ray_session.RayRunner``) runs it elsewhere and streams its events back.
+(e.g. ``cluster.ray_session.RayRunner``) runs it elsewhere and streams its events back; then this
+process reads only the model's config and tokenizer, never its weights.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from cache_service.errors import ConfigError
 from cache_service.planner import Mode
@@ -23,7 +25,7 @@ from cluster.protocol import Program, ProtocolConfig, check_problem
 from cluster.transcript import SessionResult, TranscriptBuilder
 from workers.backend import Backend, LocalBackend
 from workers.engine import HogwildEngine
-from workers.model import LoadedModel, load_model
+from workers.model import LoadedModel, ModelInfo, load_model, load_model_info
 from workers.model_store import resolve_model
 from workers.sampling import SamplingParams
 
@@ -55,9 +57,21 @@ def local_backend(lm: LoadedModel, config: SessionConfig) -> Backend:
 
 def open_model(name: str) -> LoadedModel:
     """Load ``default`` (pulled when missing) or a model path; failures become ``ConfigError``."""
+    return _open(name, load_model)
+
+
+def open_model_info(name: str) -> ModelInfo:
+    """``open_model`` without the weights (config and tokenizer)."""
+    return _open(name, load_model_info)
+
+
+T = TypeVar("T")
+
+
+def _open(name: str, loader: Callable[[str], T]) -> T:
     source = resolve_model(name)
     try:
-        return load_model(source)
+        return loader(source)
     except (OSError, ValueError) as err:
         reason = str(err).strip().split("\n", 1)[0]
         raise ConfigError(f"cannot load model {name!r}: {reason}") from None
@@ -77,9 +91,12 @@ class Session:
     ) -> None:
         self.config = config or SessionConfig()
         check_problem(problem)  # before the (slow) model load
-        self.lm = lm or open_model(self.config.model)
-        codec = codec_for(self.lm.tokenizer, self.lm.config.vocab_size)
-        self.program = Program(problem, self.config.protocol, codec, self.lm.max_context)
+        if lm is None and runner is None:
+            lm = open_model(self.config.model)
+        self.lm = lm  # None when a runner hosts the model elsewhere
+        info = lm.info if lm is not None else open_model_info(self.config.model)
+        codec = codec_for(info.tokenizer, info.config.vocab_size)
+        self.program = Program(problem, self.config.protocol, codec, info.max_context)
         self.backend_factory = backend_factory
         self.runner = runner
         self._builder = TranscriptBuilder(self.program.problem, time.perf_counter())

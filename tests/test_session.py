@@ -172,3 +172,28 @@ def test_workers_see_each_other(default_lm):
     # a layout that hides Alice from Bob altogether: nothing she writes reaches him
     hidden = BobProbe(default_lm, Layout("hidden", lead=(), peer=(), own=("own_header", "step"), commits=False))
     assert torch.equal(hidden.logits(done, now), hidden.logits(other_done, other_now))
+
+
+@pytest.mark.slow
+def test_a_session_run_elsewhere_loads_no_weights_here(monkeypatch):
+    """With a runner (Ray actors host the model) the driver used to load the whole model only to
+    read its tokenizer and context length; now loading weights here fails the test."""
+    import workers.model
+    from workers.model_store import default_model_path
+
+    default_model_path()  # pulled before the weights are made unloadable
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the driver loaded model weights")
+
+    monkeypatch.setattr(workers.model.AutoModelForCausalLM, "from_pretrained", no_weights)
+    ran = []
+
+    def runner(program, config):
+        ran.append(program)
+        yield from ()
+
+    session = Session(PROBLEM, SessionConfig(model="default"), runner=runner)
+    assert session.lm is None and session.program.max_context == 8192
+    assert isinstance(session.program.codec, TokenizerCodec)
+    assert list(session.events()) == [] and ran == [session.program]

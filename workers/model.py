@@ -21,6 +21,23 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a driver needs of a model, without its weights: config, tokenizer (None for random
+    test models) and name."""
+
+    config: PretrainedConfig
+    tokenizer: object | None
+    name: str
+
+    @property
+    def max_context(self) -> int:
+        """Longest view the engine may build: the sliding window, if the model has one."""
+        window = getattr(self.config, "sliding_window", None)
+        limit = self.config.max_position_embeddings
+        return min(window, limit) if window else limit
+
+
 @dataclass
 class LoadedModel:
     """A causal LM ready for the engine, with its tokenizer (None for random test models)."""
@@ -35,6 +52,10 @@ class LoadedModel:
         return self.model.config
 
     @property
+    def info(self) -> ModelInfo:
+        return ModelInfo(self.config, self.tokenizer, self.name)
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
@@ -44,10 +65,7 @@ class LoadedModel:
 
     @property
     def max_context(self) -> int:
-        """Longest view the engine may build: the sliding window, if the model has one."""
-        window = getattr(self.config, "sliding_window", None)
-        limit = self.config.max_position_embeddings
-        return min(window, limit) if window else limit
+        return self.info.max_context
 
 
 def check_supported(config: PretrainedConfig) -> None:
@@ -133,22 +151,33 @@ def load_model(
     return LoadedModel(model, tokenizer, rope_table(model), name)
 
 
+def load_model_info(source: str | Path | PretrainedConfig) -> ModelInfo:
+    """Config and tokenizer of ``source`` (as ``load_model`` takes it), checked, without weights."""
+    if isinstance(source, PretrainedConfig):
+        check_supported(source)
+        return ModelInfo(source, None, f"random-{source.model_type}")
+    location, kwargs = _locate(source)
+    config = AutoConfig.from_pretrained(location, **kwargs)
+    check_supported(config)
+    return ModelInfo(config, AutoTokenizer.from_pretrained(location, **kwargs), str(source))
+
+
 def _load_pretrained(source: str | Path, dtype: torch.dtype):
+    info = load_model_info(source)
+    location, kwargs = _locate(source)
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
+    return model, info.tokenizer, info.name
+
+
+def _locate(source: str | Path) -> tuple[str, dict]:
+    """Where transformers finds ``source``, and the keywords it needs (``gguf_file``)."""
     path = Path(source).expanduser()
-    kwargs: dict = {}
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ConfigError(f"GGUF file {path} does not exist; check the path")
-        kwargs["gguf_file"] = path.name
-        location = str(path.parent)
-    elif path.exists():
-        location = str(path)
-    elif str(source).count("/") == 1 and not str(source).startswith((".", "/", "~")):
-        location = str(source)  # a hub id; needs a network
-    else:
-        raise ConfigError(f"model {source!r} not found: give a local directory, a .gguf file or a hub id")
-    config = AutoConfig.from_pretrained(location, **kwargs)
-    check_supported(config)
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-    return model, tokenizer, str(source)
+        return str(path.parent), {"gguf_file": path.name}
+    if path.exists():
+        return str(path), {}
+    if str(source).count("/") == 1 and not str(source).startswith((".", "/", "~")):
+        return str(source), {}  # a hub id; needs a network
+    raise ConfigError(f"model {source!r} not found: give a local directory, a .gguf file or a hub id")
