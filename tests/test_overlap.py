@@ -39,15 +39,16 @@ def _stable_slots(plan: AttentionPlan) -> list[int]:
 
 
 def _two_workers(store: KVStore, tokens: int) -> list[Row]:
-    """A shared history long enough to be read in place, two peers' steps, own steps that are
-    read in place too (``direct_min`` 4), ``tokens`` new tokens per row."""
+    """Two workers whose views put the peer's step *before* the shared history (so only the
+    planner's ordering brings the history first); every block is read in place (``direct_min``
+    4); ``tokens`` new tokens per row."""
     history, *own = (store.new_block(64) for _ in range(3))
     store.append(history, _randn(1, 2, KV_HEADS, 40, HEAD_DIM, seed=1))
     for k, block in enumerate(own):
         store.append(block, _randn(1, 2, KV_HEADS, 6, HEAD_DIM, seed=2 + k))
     for row in range(2):
         store.reserve(own[row], tokens)
-    return [Row(View.of(history, own[1 - w], own[w]), tokens) for w in range(2)]
+    return [Row(View.of(own[1 - w], history, own[w]), tokens) for w in range(2)]
 
 
 def _plan(store: KVStore, tokens: int, overlap_min: int = 0) -> AttentionPlan:
