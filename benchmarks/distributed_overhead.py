@@ -7,8 +7,8 @@ Each variant decodes in blocks of ``--steps`` steps (``Backend.step``: forward, 
 token all-gather); variants alternate (A B C D A B C D ...). Steps are timed inside rank 0, so the
 Ray call that starts a block is not counted; the exchange column is rank 0's time in collectives
 (per-layer K/V all-gathers, the lagged all-gather, the token all-gather; with overlap only the
-part not hidden behind attention). CPU time sums every
-process of the variant (all actors, or the driver for the engine).
+part not hidden behind attention). CPU time sums every process of the variant (all actors, or the
+driver for the engine).
 
     python -m benchmarks.distributed_overhead            # default model, C = 512
     python -m benchmarks.distributed_overhead --tiny --rounds 5

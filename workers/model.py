@@ -156,17 +156,20 @@ def load_model_info(source: str | Path | PretrainedConfig) -> ModelInfo:
     if isinstance(source, PretrainedConfig):
         check_supported(source)
         return ModelInfo(source, None, f"random-{source.model_type}")
-    location, kwargs = _locate(source)
-    config = AutoConfig.from_pretrained(location, **kwargs)
-    check_supported(config)
-    return ModelInfo(config, AutoTokenizer.from_pretrained(location, **kwargs), str(source))
+    return _read_info(source, *_locate(source))
 
 
 def _load_pretrained(source: str | Path, dtype: torch.dtype):
-    info = load_model_info(source)
     location, kwargs = _locate(source)
+    info = _read_info(source, location, kwargs)
     model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
     return model, info.tokenizer, info.name
+
+
+def _read_info(source: str | Path, location: str, kwargs: dict) -> ModelInfo:
+    config = AutoConfig.from_pretrained(location, **kwargs)
+    check_supported(config)  # before any weight is read
+    return ModelInfo(config, AutoTokenizer.from_pretrained(location, **kwargs), str(source))
 
 
 def _locate(source: str | Path) -> tuple[str, dict]:
