@@ -15,3 +15,7 @@ class LayoutError(HogwildError):
 
 class ConfigError(HogwildError):
     """An invalid option given by a user."""
+
+
+class PoolExhaustedError(HogwildError):
+    """The KV pool has no free pages for a request; nothing was written (wait, free, or enlarge it)."""

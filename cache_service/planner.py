@@ -100,7 +100,7 @@ def plan_step(
     reads, view_length = _reads(store, rows, mode, before, writers)
     n_rows, tokens = len(rows), max(r.tokens for r in rows)
     local = range(n_rows) if local is None else local
-    device, dtype = store.arena.device, store.arena.dtype
+    device, dtype = store.pool.device, store.pool.dtype
 
     positions = torch.stack([
         (before[r.view.target] + torch.arange(tokens)).clamp(max=before[r.view.target] + r.tokens - 1)
@@ -203,7 +203,7 @@ def _direct_chunk(store: KVStore, shape: _Shape, block_reads: list[_Read]) -> Di
     mask = _mask(shape, (length, placements))
     if mask is not None:
         mask = mask.reshape(-1, length)  # [R * g * T, L]
-    return DirectChunk(store.span(block_reads[0].block).start, length, rotation, mask)
+    return DirectChunk(tuple(store.runs(block_reads[0].block, length)), length, rotation, mask)
 
 
 def _tail(store: KVStore, shape: _Shape, tail_reads: list[list[_Read]]) -> TailGather | None:
@@ -225,7 +225,7 @@ def _tail(store: KVStore, shape: _Shape, tail_reads: list[list[_Read]]) -> TailG
     rotation = shape.rope.rotation(shifts[mine].flatten(), shape.dtype, shape.device)
     mask = _mask(shape, (size, placements))
     if mask is not None:  # [kvh * R, g * T, S], the batch layout of the tail matmul
-        kv_heads, width = store.arena.shape[2], shape.group * shape.tokens
+        kv_heads, width = store.pool.shape[2], shape.group * shape.tokens
         mask = mask.reshape(1, -1, size).expand(kv_heads, -1, -1).reshape(-1, width, size)
     return TailGather(size, slots[mine].flatten().to(shape.device), rotation, mask)
 

@@ -116,7 +116,7 @@ def _tensor(body: memoryview, entry: dict) -> torch.Tensor:
 # ---- the cache snapshot ----------------------------------------------------------------------
 @dataclass
 class BlockState:
-    """One block: K/V ``[layers, 2, kv_heads, length, head_dim]``, reserved capacity, token ids."""
+    """One block: K/V ``[layers, 2, kv_heads, length, head_dim]``, reserved tokens, token ids."""
 
     entries: torch.Tensor
     capacity: int
@@ -156,15 +156,18 @@ class KVSnapshot:
 
 def capture(store: KVStore, blocks: list[int] | None = None) -> dict[int, BlockState]:
     """Copies of ``blocks`` (default: all) of a store, on the CPU."""
-    chosen = sorted(store.spans) if blocks is None else blocks
-    return {b: BlockState(store.read(b).to("cpu", copy=True), store.span(b).capacity) for b in chosen}
+    chosen = sorted(store.blocks) if blocks is None else blocks
+    return {b: BlockState(store.read(b).to("cpu"), store.block(b).reserved) for b in chosen}
 
 
 def restore(store: KVStore, snapshot: KVSnapshot) -> None:
-    """Fill an EMPTY store with a snapshot's blocks under the same ids."""
-    if store.spans:
+    """Fill an EMPTY store with a snapshot's blocks under the same ids (``PoolExhaustedError``, with
+    the store left empty, when its pool cannot hold them)."""
+    if store.blocks:
         raise SnapshotError("restore needs an empty cache; restore into a freshly built engine")
     layers, _, kv_heads, head_dim = store.shape
+    need = sum(store.pages_for(max(s.entries.shape[3], s.capacity)) for s in snapshot.blocks.values())
+    store.check_free(need)
     for block in range(snapshot.next_block):
         state = snapshot.blocks.get(block)
         made = store.new_block(state.capacity if state else 0)
@@ -174,9 +177,9 @@ def restore(store: KVStore, snapshot: KVSnapshot) -> None:
             store.free(made)
             continue
         shape = tuple(state.entries.shape)
-        if shape[:3] != (layers, 2, kv_heads) or shape[4] != head_dim or state.entries.dtype != store.arena.dtype:
+        if shape[:3] != (layers, 2, kv_heads) or shape[4] != head_dim or state.entries.dtype != store.pool.dtype:
             raise SnapshotError(
                 f"block {block} is {shape} {state.entries.dtype}, the cache holds "
-                f"[{layers}, 2, {kv_heads}, n, {head_dim}] {store.arena.dtype}; restore with the same model and dtype"
+                f"[{layers}, 2, {kv_heads}, n, {head_dim}] {store.pool.dtype}; restore with the same model and dtype"
             )
-        store.append(made, state.entries.to(store.arena.device))
+        store.append(made, state.entries.to(store.pool.device))

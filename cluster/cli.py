@@ -1,18 +1,21 @@
 """The ``hogwild`` command: ``hogwild run "PROBLEM" ...`` and ``hogwild models pull``.
 
-Errors the user can fix end the program with one line, ``hogwild: error: ...``, and exit code 2.
+Errors the user can fix end the program with one line, ``hogwild: error: ...``, and exit code 2;
+anything unexpected also ends in one line (exit code 1), with the traceback only under ``--debug``.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 from typing import NoReturn
 
 from cache_service.errors import ConfigError, HogwildError
 
 EXIT_ERROR = 2
+EXIT_BUG = 1
 EXIT_INTERRUPTED = 130
 
 
@@ -25,9 +28,11 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hogwild", description="Hogwild! Inference: LLM workers sharing one KV cache.")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of unexpected errors")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="solve a problem with N workers, shown live")
     run.add_argument("problem", help="the problem to solve")
+    run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     run.add_argument("--workers", type=int, default=2, help="number of workers, 1..8 (default 2)")
     run.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a model path")
     run.add_argument("--max-steps", type=int, default=256, help="decode steps, one token per worker each")
@@ -38,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--temperature", type=float, default=0.6, help="0 for greedy")
     run.add_argument("--top-p", type=float, default=0.95)
     run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--kv-tokens", type=int, default=None,
+                     help="KV pool size in tokens (default: 32k on CPU, 90%% of free GPU memory on CUDA)")
+    run.add_argument("--kv-memory-fraction", type=float, default=None,
+                     help="KV pool as this fraction of the device's free memory (instead of --kv-tokens)")
+    run.add_argument("--kv-page-size", type=int, default=16, help="tokens per KV page (default 16)")
     run.add_argument("--actors", type=int, default=0,
                      help="run the workers on this many Ray worker actors (0: in this process)")
     run.add_argument("--placement", default="PACK", help="Ray placement strategy: PACK | SPREAD")
@@ -51,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     try:
         args = build_parser().parse_args(argv)
         return _run(args) if args.command == "run" else _models(args)
@@ -60,6 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hogwild: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as err:  # a bug: one line for the user, the traceback on request
+        if "--debug" in argv:
+            traceback.print_exc()
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        print(f"hogwild: error: unexpected {type(err).__name__}: {reason} (a bug: rerun with --debug "
+              "for the traceback and report it)", file=sys.stderr)
+        return EXIT_BUG
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -85,6 +103,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace):
+    from cache_service.kv_store import PoolConfig
     from cluster.protocol import ProtocolConfig
     from cluster.session import SessionConfig
     from workers.sampling import SamplingParams
@@ -92,7 +111,8 @@ def _config(args: argparse.Namespace):
     protocol = ProtocolConfig(workers=args.workers, layout=args.layout, max_steps=args.max_steps,
                               max_step_tokens=args.max_step_tokens, check_every=args.check_every)
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    return SessionConfig(protocol=protocol, sampling=sampling, model=args.model, mode=args.mode)
+    pool = PoolConfig(tokens=args.kv_tokens, page_size=args.kv_page_size, memory_fraction=args.kv_memory_fraction)
+    return SessionConfig(protocol=protocol, sampling=sampling, model=args.model, mode=args.mode, pool=pool)
 
 
 def _runner(args: argparse.Namespace):

@@ -424,5 +424,5 @@ class RayRunner:
     def __call__(self, program: Program, config: Any) -> Iterator[Any]:
         ray_config = RayConfig.split(config.protocol.workers, self.actors, **self.options)
         # "default" stays a name: every node resolves (and if needed pulls) its own copy
-        spec = EngineSpec(ModelSpec(config.model), mode=config.mode, sampling=config.sampling)
+        spec = EngineSpec(ModelSpec(config.model), mode=config.mode, sampling=config.sampling, pool=config.pool)
         return run_program(program, spec, ray_config)

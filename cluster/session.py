@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from cache_service.errors import ConfigError
+from cache_service.kv_store import PoolConfig
 from cache_service.planner import Mode
 from cluster.codec import codec_for
 from cluster.events import Event
@@ -32,12 +33,14 @@ from workers.sampling import SamplingParams
 
 @dataclass(frozen=True)
 class SessionConfig:
-    """Everything a session needs: protocol, sampling, model (``default`` or a path) and engine mode."""
+    """Everything a session needs: protocol, sampling, model (``default`` or a path), engine mode
+    and the engine's KV pool."""
 
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.6, top_p=0.95))
     model: str = "default"
     mode: str = "instant"
+    pool: PoolConfig = field(default_factory=PoolConfig)
 
     def __post_init__(self) -> None:
         Mode.parse(self.mode)
@@ -51,7 +54,7 @@ Runner = Callable[[Program, SessionConfig], Iterator[Event]]
 
 def local_backend(lm: LoadedModel, config: SessionConfig) -> Backend:
     """All workers on one engine in this process."""
-    engine = HogwildEngine(lm, mode=config.mode)
+    engine = HogwildEngine(lm, mode=config.mode, pool=config.pool)
     return LocalBackend(engine, config.sampling, config.protocol.workers)
 
 

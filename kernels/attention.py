@@ -1,4 +1,4 @@
-"""Attention of many rows (workers) over a shared arena of KV blocks, with query rotation.
+"""Attention of many rows (workers) over a shared pool of KV blocks, with query rotation.
 
 Every block's keys are stored RoPE-rotated at block-local positions 0..len-1, and each row's new
 tokens enter the model at block-local positions of the row's own (target) block, so the new keys
@@ -8,8 +8,9 @@ view position o_t + j against key view position o_b + i. No key of a block is ro
 
 Blocks are read in two ways, chosen per step by the planner (one plan serves every layer):
 
-* **direct** chunks: a contiguous arena range read in place by all rows with one matmul, the rows'
-  queries rotated once for the chunk. The shared history is one, whatever its length.
+* **direct** chunks: a block read in place by all rows, one matmul per contiguous run of its pages
+  in the pool, the rows' queries rotated once for the chunk. The shared history is one chunk,
+  whatever its length (and a few runs, however it grew).
 * the **tail**: small blocks (headers, unfinished steps), gathered per row in view order and rotated
   in one pass, then read with one batched matmul. Its size is bounded by step lengths, not context.
 
@@ -35,17 +36,21 @@ from kernels.rope import Rotation
 
 @dataclass(frozen=True)
 class DirectChunk:
-    """Arena range ``[start, start + length)`` read in place."""
+    """A block's first ``length`` tokens, read in place: pool ranges ``(start, n)`` in token order."""
 
-    start: int
+    runs: tuple[tuple[int, int], ...]
     length: int
     rotation: Rotation | None  # per row, shape [rows, 1, d]; None when no reader needs one
     mask: torch.Tensor | None  # [rows * group * T, length] additive, or None
 
+    def slots(self) -> list[int]:
+        """The pool slots read, in token order."""
+        return [s for start, n in self.runs for s in range(start, start + n)]
+
 
 @dataclass(frozen=True)
 class TailGather:
-    """Small blocks gathered per row: ``slots`` [rows * size] arena slots, keys rotated per slot."""
+    """Small blocks gathered per row: ``slots`` [rows * size] pool slots, keys rotated per slot."""
 
     size: int
     slots: torch.Tensor  # [rows * size] long
@@ -60,7 +65,7 @@ class AttentionPlan:
     rows: int  # rows whose queries are computed here
     tokens: int  # padded tokens per row (T)
     write_src: torch.Tensor | None  # [n_new] indices into written rows * T; None: all are real
-    write_slots: torch.Tensor  # [n_new] arena slots of the new entries
+    write_slots: torch.Tensor  # [n_new] pool slots of the new entries
     direct: tuple[DirectChunk, ...]
     stable: int  # the first ``stable`` direct chunks hold no entry written this step: read them early
     tail: TailGather | None
@@ -86,7 +91,7 @@ def block_attention(
 ) -> torch.Tensor:
     """Attention output ``[rows, T, heads, d]`` (a view) for queries ``q`` ``[rows, heads, T, d]``.
 
-    ``kv`` is one layer of the arena, ``[2, kv_heads, capacity, d]`` (keys, values). It holds this
+    ``kv`` is one layer of the pool, ``[2, kv_heads, slots, d]`` (keys, values). It holds this
     step's new entries already, or ``arrive`` stores them: it is called once, after the stable
     chunks are scored and before anything that reads a new entry.
     """
@@ -95,15 +100,19 @@ def block_attention(
     width = n_heads // kv_heads * tokens  # query rows per (row, kv head): group * T
     q = q.reshape(rows, kv_heads, width, dim).transpose(0, 1).contiguous().mul_(scale)  # [kvh, R, gT, d]
 
-    def direct_scores(chunk: DirectChunk) -> torch.Tensor:  # [kvh, R * gT, L]
-        qc = q if chunk.rotation is None else chunk.rotation.apply(q)
-        keys = kv[0, :, chunk.start : chunk.start + chunk.length].transpose(1, 2)
-        return _scores(chunk.mask, qc.view(kv_heads, rows * width, dim), keys)
+    def direct_scores(chunk: DirectChunk) -> list[torch.Tensor]:  # per run: [kvh, R * gT, n]
+        qc = (q if chunk.rotation is None else chunk.rotation.apply(q)).view(kv_heads, rows * width, dim)
+        scores, at = [], 0
+        for start, n in chunk.runs:
+            mask = None if chunk.mask is None else chunk.mask[:, at : at + n]
+            scores.append(_scores(mask, qc, kv[0, :, start : start + n].transpose(1, 2)))
+            at += n
+        return scores
 
-    parts = [direct_scores(chunk) for chunk in plan.direct[: plan.stable]]
+    parts = [s for chunk in plan.direct[: plan.stable] for s in direct_scores(chunk)]
     if arrive is not None:
         arrive()
-    parts += [direct_scores(chunk) for chunk in plan.direct[plan.stable :]]
+    parts += [s for chunk in plan.direct[plan.stable :] for s in direct_scores(chunk)]
     if plan.tail is not None:
         tail = plan.tail
         gathered = kv.index_select(2, tail.slots)  # [2, kvh, R * S, d]
@@ -119,11 +128,11 @@ def block_attention(
 
     out = q.new_zeros(kv_heads, rows * width, dim) if not plan.direct else None
     at = 0
-    for chunk in plan.direct:
-        values = kv[1, :, chunk.start : chunk.start + chunk.length]
-        p = probs[..., at : at + chunk.length]
+    for start, n in (run for chunk in plan.direct for run in chunk.runs):
+        values = kv[1, :, start : start + n]
+        p = probs[..., at : at + n]
         out = torch.bmm(p, values) if out is None else torch.baddbmm(out, p, values)
-        at += chunk.length
+        at += n
     if plan.tail is not None:
         values = gathered[1].view(kv_heads * rows, plan.tail.size, dim)
         p = probs[..., at:].reshape(kv_heads * rows, width, plan.tail.size)

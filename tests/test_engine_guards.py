@@ -3,6 +3,7 @@
 import pytest
 
 from cache_service.errors import HogwildError
+from cache_service.kv_store import PoolConfig
 from cache_service.layout import View
 from tests.conftest import tiny_model
 from workers.engine import HogwildEngine
@@ -10,7 +11,7 @@ from workers.engine import HogwildEngine
 
 def test_forward_refuses_a_model_switched_to_another_attention():
     lm = tiny_model("llama")
-    engine = HogwildEngine(lm, capacity=32)
+    engine = HogwildEngine(lm, pool=PoolConfig(tokens=32))
     block = engine.new_block()
     lm.model.set_attn_implementation("sdpa")
     try:

@@ -1,4 +1,4 @@
-"""KVStore: amortised growth, commits (append_block), accounting and errors; View validation."""
+"""KVStore: the paged pool (fixed tensor, page tables, free list, exhaustion), commits, accounting, errors; View."""
 
 from __future__ import annotations
 
@@ -7,16 +7,16 @@ import math
 import pytest
 import torch
 
-from cache_service.errors import HogwildError, LayoutError
-from cache_service.kv_store import MIN_BLOCK_CAPACITY, KVStore
+from cache_service.errors import ConfigError, HogwildError, LayoutError, PoolExhaustedError
+from cache_service.kv_store import KVStore, PoolConfig
 from cache_service.layout import View
 from kernels.rope import RopeTable, rotate_by
 
 LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 8
 
 
-def _store(capacity: int = 64, dtype=torch.float32) -> KVStore:
-    return KVStore(LAYERS, KV_HEADS, HEAD_DIM, capacity=capacity, dtype=dtype)
+def _store(tokens: int = 64, dtype=torch.float32, page_size: int = 4) -> KVStore:
+    return KVStore(LAYERS, KV_HEADS, HEAD_DIM, tokens=tokens, page_size=page_size, dtype=dtype)
 
 
 def _entries(n: int, seed: int) -> torch.Tensor:
@@ -34,12 +34,12 @@ def _token(value: float) -> torch.Tensor:
 
 def test_new_store_and_blocks():
     store = _store()
-    a, b = store.new_block(), store.new_block(reserve=100)
+    a, b = store.new_block(), store.new_block(reserve=10)
     assert a != b
     assert store.length(a) == store.length(b) == 0
     assert store.read(a).shape == (LAYERS, 2, KV_HEADS, 0, HEAD_DIM)
-    assert store.span(b).capacity >= 100
-    assert store.span(a).capacity >= MIN_BLOCK_CAPACITY
+    assert store.capacity_of(a) == 0 and store.capacity_of(b) == 12  # 3 pages of 4
+    assert store.used_pages == 3 and store.free_pages == 13
     assert store.nbytes() == 0
 
 
@@ -51,37 +51,30 @@ def test_append_and_read_round_trip():
     store.append(block, second)
     assert store.length(block) == 8
     assert torch.equal(store.read(block), torch.cat((first, second), dim=3))
+    assert torch.equal(store.read(block, 2, 7), torch.cat((first, second), dim=3)[:, :, :, 2:7])
 
 
-def test_amortised_growth_interleaved_blocks():
-    """One token at a time into interleaved blocks: exact contents, logarithmic reallocations."""
-    store = _store(capacity=64)
+def test_the_pool_never_moves_and_blocks_never_move():
+    """One token at a time into interleaved blocks: exact contents, the pool tensor and every
+    page of a block stay where they were (a block only gains pages)."""
+    store = _store(tokens=4 * 400)
+    pool, address = store.pool, store.pool.data_ptr()
     blocks = [store.new_block() for _ in range(4)]
-    steps = 1500
-    arena, reallocations = store.arena, 0
-    moves = {b: 0 for b in blocks}
+    steps = 300
     for t in range(steps):
         for b in blocks:
-            start = store.span(b).start
+            before = list(store.block(b).pages)
             store.append(b, _token(t * 10.0 + b))
-            moves[b] += store.span(b).start != start
-            if store.arena is not arena:
-                reallocations += 1
-                arena = store.arena
-    total = steps * len(blocks)
-    # the arena at least doubles each time: log2(6000 / 64) ~ 6.6
-    assert 1 <= reallocations <= math.ceil(math.log2(total / 64)) + 2, reallocations
-    # each block at least doubles when it moves: log2(1500 / 16) ~ 6.6 (not linear in tokens)
-    assert max(moves.values()) <= math.ceil(math.log2(steps / MIN_BLOCK_CAPACITY)) + 2, moves
+            assert store.block(b).pages[: len(before)] == before
+    assert store.pool is pool and store.pool.data_ptr() == address
     expected = torch.arange(steps, dtype=torch.float32) * 10.0
     for b in blocks:
-        assert store.length(b) == steps
         held = store.read(b)
         assert torch.equal(held, (expected + b)[None, None, None, :, None].expand_as(held))
 
 
-def test_growth_preserves_contents_with_free_blocks_and_random_sizes():
-    store = _store(capacity=32)
+def test_contents_survive_frees_and_random_sizes():
+    store = _store(tokens=4096)
     generator = torch.Generator().manual_seed(0)
     blocks = {store.new_block(): [] for _ in range(3)}
     for i in range(200):
@@ -90,7 +83,7 @@ def test_growth_preserves_contents_with_free_blocks_and_random_sizes():
         chunk = _entries(n, i)
         store.append(b, chunk)
         blocks[b].append(chunk)
-        if i == 80:  # free one block in the middle of the run; the others must be unaffected
+        if i in (80, 150):  # free a block in the middle of the run; the others must be unaffected
             gone = list(blocks)[0]
             store.free(gone)
             del blocks[gone]
@@ -100,9 +93,125 @@ def test_growth_preserves_contents_with_free_blocks_and_random_sizes():
         assert torch.equal(store.read(b), torch.cat(chunks, dim=3))
 
 
-@pytest.mark.parametrize("capacity", [16, 4096])  # 16: the commit forces blocks to move/compact
-def test_append_block_rotates_keys_once_and_keeps_values(capacity):
-    store, table = _store(capacity=capacity), _table()
+def _live_pages(store: KVStore) -> int:
+    return sum(store.pages_for(max(b.length, b.reserved)) for b in store.blocks.values())
+
+
+def test_churn_keeps_pages_in_use_equal_to_live_pages():
+    """1,000 create/append/free cycles: pages in use always equal the live tokens' pages, the pool
+    never grows, and usage is back to zero once every block is freed."""
+    store = _store(tokens=2048, page_size=8)
+    generator = torch.Generator().manual_seed(1)
+    live: dict[int, int] = {}
+    for cycle in range(1000):
+        block = store.new_block(reserve=int(torch.randint(0, 20, (1,), generator=generator)))
+        live[block] = 0
+        for b in list(live)[-3:]:
+            n = int(torch.randint(1, 12, (1,), generator=generator))
+            store.append(b, _token(float(cycle)).expand(-1, -1, -1, n, -1))
+        if len(live) > 6 or cycle % 7 == 0:
+            victim = list(live)[int(torch.randint(len(live), (1,), generator=generator))]
+            store.free(victim)
+            del live[victim]
+        if cycle % 50 == 0 and live:
+            some = next(iter(live))
+            store.truncate(some, store.length(some) // 2)
+        assert store.used_pages == _live_pages(store)
+        assert store.capacity == 2048
+    for block in list(live):
+        store.free(block)
+    assert store.used_pages == 0 and store.free_pages == store.pages and store.nbytes() == 0
+
+
+def test_exhaustion_is_typed_and_changes_nothing():
+    store = _store(tokens=32, page_size=4)  # 8 pages
+    a, b = store.new_block(), store.new_block()
+    store.append(a, _entries(20, 0))  # 5 pages
+    store.append(b, _entries(6, 1))  # 2 pages
+    before = (store.used_pages, store.length(a), store.length(b), list(store.block(b).pages))
+    with pytest.raises(PoolExhaustedError, match="KV pool is full"):
+        store.append(b, _entries(8, 2))  # 2 more pages, 1 free
+    with pytest.raises(PoolExhaustedError):
+        store.reserve_many({a: 4, b: 4})  # one page each: 2 pages, 1 free
+    with pytest.raises(PoolExhaustedError):
+        store.new_block(reserve=8)
+    with pytest.raises(PoolExhaustedError):
+        store.append_block(a, b, _table())  # 20 tokens into b
+    assert (store.used_pages, store.length(a), store.length(b), list(store.block(b).pages)) == before
+    assert torch.equal(store.read(a), _entries(20, 0)) and torch.equal(store.read(b), _entries(6, 1))
+    assert issubclass(PoolExhaustedError, HogwildError)
+    store.free(a)  # usable after: the freed pages serve the request that failed
+    store.append(b, _entries(8, 2))
+    assert torch.equal(store.read(b), torch.cat((_entries(6, 1), _entries(8, 2)), dim=3))
+
+
+def test_growing_blocks_stay_in_few_runs():
+    """A block that grows while others take pages keeps taking the pages after its last one when
+    they are free, and a multi-page request takes one contiguous run."""
+    store = _store(tokens=1024, page_size=4)
+    history = store.new_block(reserve=40)
+    steps = [store.new_block(reserve=16) for _ in range(3)]
+    assert len(store.runs(history, 40)) == 1
+    for _ in range(20):
+        for step in steps:
+            store.append(step, _entries(7, 0))
+        for step in steps:
+            store.append_block(step, history, _table())
+    assert store.length(history) == 20 * 3 * 7
+    assert len(store.runs(history, store.length(history))) <= 3
+    scattered = _store(tokens=64, page_size=4)
+    blocks = [scattered.new_block(reserve=4) for _ in range(16)]
+    for b in blocks[::2]:
+        scattered.free(b)
+    wide = scattered.new_block(reserve=12)  # no 3 free pages in a row: the lowest 3 instead
+    assert scattered.block(wide).pages == [0, 2, 4]
+    assert scattered.runs(wide, 12) == [(0, 4), (8, 4), (16, 4)]
+
+
+def test_runs_cover_the_slots_in_order():
+    store = _store(tokens=256, page_size=4)
+    a, b = store.new_block(), store.new_block()
+    for i in range(10):
+        store.append(a if i % 2 else b, _entries(3, i))
+    runs = store.runs(a, store.length(a))
+    assert [s for start, n in runs for s in range(start, start + n)] == store.slots(a, 0, store.length(a))
+
+
+def test_truncate_returns_pages_beyond_the_reservation():
+    store = _store(tokens=256, page_size=4)
+    block = store.new_block(reserve=8)
+    store.append(block, _entries(30, 0))
+    assert store.used_pages == 8
+    store.truncate(block, 10)
+    assert store.used_pages == 3
+    store.truncate(block, 0)
+    assert store.used_pages == 2 and store.capacity_of(block) == 8  # its reservation is kept
+
+
+def test_clear_forgets_every_block_and_keeps_the_pool():
+    store = _store()
+    pool = store.pool
+    store.append(store.new_block(), _entries(9, 0))
+    store.clear()
+    assert store.blocks == {} and store.used_pages == 0 and store.pool is pool
+    assert store.new_block() == 0
+
+
+def test_pool_config_sizes_and_errors():
+    assert PoolConfig(tokens=100, page_size=16).tokens_for(4, torch.device("cpu")) == 96
+    half_free = PoolConfig(memory_fraction=1e-6).tokens_for(1, torch.device("cpu"))
+    assert half_free > 0 and half_free % 16 == 0
+    assert PoolConfig().tokens_for(1, torch.device("cpu")) == 32768  # the CPU default
+    for bad in (dict(page_size=0), dict(tokens=8), dict(memory_fraction=0), dict(memory_fraction=1.5)):
+        with pytest.raises(ConfigError):
+            PoolConfig(**bad)
+    with pytest.raises(ConfigError, match="less than one page"):
+        PoolConfig(memory_fraction=1e-9).tokens_for(1 << 40, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("page_size", [1, 4, 64])
+def test_append_block_rotates_keys_once_and_keeps_values(page_size):
+    store, table = _store(tokens=256, page_size=page_size), _table()
     common, step, other = store.new_block(), store.new_block(), store.new_block()
     prefix, tail, bystander = _entries(13, 0), _entries(9, 1), _entries(4, 2)
     store.append(common, prefix)
@@ -153,8 +262,9 @@ def test_append_block_to_itself_is_an_error():
 
 
 def test_nbytes_counts_held_tokens():
-    store = _store(capacity=1024)
+    store = _store(tokens=1024)
     per_token = LAYERS * 2 * KV_HEADS * HEAD_DIM * 4
+    assert store.bytes_per_token() == per_token and store.pool_bytes() == 1024 * per_token
     a, b = store.new_block(reserve=200), store.new_block()
     store.append(a, _entries(7, 0))
     store.append(b, _entries(3, 1))
@@ -163,7 +273,7 @@ def test_nbytes_counts_held_tokens():
     assert store.nbytes() == 5 * per_token
     store.append_block(b, a, _table())
     assert store.nbytes() == 5 * per_token
-    half = KVStore(LAYERS, KV_HEADS, HEAD_DIM, capacity=64, dtype=torch.bfloat16)
+    half = KVStore(LAYERS, KV_HEADS, HEAD_DIM, tokens=64, dtype=torch.bfloat16)
     c = half.new_block()
     half.append(c, _entries(4, 2).to(torch.bfloat16))
     assert half.nbytes() == 4 * per_token // 2

@@ -13,6 +13,7 @@ from transformers import AutoConfig
 
 import workers.engine
 from cache_service.errors import UnsupportedError
+from cache_service.kv_store import PoolConfig
 from cache_service.layout import View
 from cache_service.planner import DIRECT_MIN_TOKENS
 from workers.engine import HogwildEngine
@@ -87,10 +88,11 @@ def test_single_worker_matches_generate_sharp(family):
 
 
 # ---- oracle 3: randomised many-worker scenarios against the naive oracle ----------------------
-def run_scenario(lm, mode, seed, *, direct_min=DIRECT_MIN_TOKENS, long_prompt=False, steps=8):
+def run_scenario(lm, mode, seed, *, direct_min=DIRECT_MIN_TOKENS, long_prompt=False, steps=8, page_size=16):
     """Seeded random scenario; every forward's all-token logits are compared with the oracle."""
     rng = random.Random(seed)
-    engine = HogwildEngine(lm, mode=mode, direct_min=direct_min, overlap_min=0)  # plans mark all it may read early
+    engine = HogwildEngine(lm, mode=mode, direct_min=direct_min, overlap_min=0,  # plans mark all it may read early
+                           pool=PoolConfig(tokens=4096, page_size=page_size))
     oracle = NaiveOracle(lm, mode)
     vocab = lm.config.vocab_size
 
@@ -161,7 +163,7 @@ def assert_paths(plans, *, long_direct):
     """Both attention paths ran; direct chunks read before the step's entries arrive hold none."""
     for p in plans:
         written = set(p.write_slots.tolist())
-        assert not any(c.start <= s < c.start + c.length for c in p.direct[: p.stable] for s in written)
+        assert not any(set(c.slots()) & written for c in p.direct[: p.stable])
     assert any(p.stable for p in plans) and any(len(p.direct) > p.stable for p in plans)
     assert any(p.tail is not None for p in plans), "the tail path was not exercised"
     assert any(c.rotation is not None for p in plans for c in p.direct), "no direct chunk at an offset"
@@ -178,7 +180,9 @@ def test_scenarios_match_oracle(family, mode, plan_spy):
     run_scenario(lm, mode, 100, direct_min=8)  # step blocks and headers read in place too
     run_scenario(lm, mode, 101, long_prompt=True)  # prompt > 128: direct with the default threshold
     run_scenario(lm, mode, 102, long_prompt=True, direct_min=8)
+    run_scenario(lm, mode, 103, long_prompt=True, direct_min=8, page_size=3)  # blocks in scattered pages
     assert_paths(plan_spy, long_direct=True)
+    assert any(len(c.runs) > 1 for p in plan_spy for c in p.direct), "no block read in several runs"
 
 
 @pytest.mark.parametrize("mode", ["instant", "lagged"])

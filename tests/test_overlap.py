@@ -35,7 +35,7 @@ def _written(plan: AttentionPlan) -> set[int]:
 
 
 def _stable_slots(plan: AttentionPlan) -> list[int]:
-    return [s for c in plan.direct[: plan.stable] for s in range(c.start, c.start + c.length)]
+    return [s for c in plan.direct[: plan.stable] for s in c.slots()]
 
 
 def _two_workers(store: KVStore, tokens: int) -> list[Row]:
@@ -58,18 +58,18 @@ def _plan(store: KVStore, tokens: int, overlap_min: int = 0) -> AttentionPlan:
 
 @pytest.mark.parametrize("tokens", [1, 3])
 def test_planner_puts_unwritten_direct_chunks_first(tokens):
-    store = KVStore(1, KV_HEADS, HEAD_DIM, capacity=256)
+    store = KVStore(1, KV_HEADS, HEAD_DIM, tokens=256)
     plan = _plan(store, tokens)
     assert plan.stable == 1 and len(plan.direct) == 3  # the history, then the two step blocks
     assert plan.direct[0].length == 40
     assert not _written(plan) & set(_stable_slots(plan))
     for chunk in plan.direct[plan.stable :]:
-        assert _written(plan) & set(range(chunk.start, chunk.start + chunk.length))
+        assert _written(plan) & set(chunk.slots())
 
 
 def test_a_short_history_is_not_read_early():
     """``overlap_min``: the history (40 tokens) is read early from 40 tokens on, not from 41."""
-    stable = [_plan(KVStore(1, KV_HEADS, HEAD_DIM, capacity=256), 1, m).stable for m in (40, 41)]
+    stable = [_plan(KVStore(1, KV_HEADS, HEAD_DIM, tokens=256), 1, m).stable for m in (40, 41)]
     assert stable == [1, 0]
 
 
@@ -78,16 +78,16 @@ def test_stable_chunks_are_scored_before_the_new_entries_arrive(tokens):
     """Poison the new entries' slots before the call and the stable keys inside ``arrive``: the
     result is bit-identical to writing the entries first, so nothing scored before ``arrive`` read a
     new entry and every stable score was taken before it."""
-    store = KVStore(1, KV_HEADS, HEAD_DIM, capacity=256)
+    store = KVStore(1, KV_HEADS, HEAD_DIM, tokens=256)
     plan = _plan(store, tokens)
     q = _randn(2, KV_HEADS * GROUP, tokens, HEAD_DIM, seed=10)
     k, v = _randn(2, KV_HEADS, tokens, HEAD_DIM, seed=11), _randn(2, KV_HEADS, tokens, HEAD_DIM, seed=12)
 
-    kv = store.arena[0].clone()
+    kv = store.pool[0].clone()
     write_new_entries(kv, k, v, plan)
     want = block_attention(q.clone(), kv, plan, 0.3)
 
-    kv = store.arena[0].clone()
+    kv = store.pool[0].clone()
     kv[:, :, plan.write_slots] = float("nan")
     arrivals = []
 

@@ -31,7 +31,7 @@ class ScriptedBackend:
         self.blocks: dict[int, list[int]] = {}
         self.calls: list[tuple[list, list[int], bool, tuple[int, ...]]] = []
 
-    def new_block(self, reserve: int = 16) -> int:
+    def new_block(self, reserve: int = 0) -> int:
         self.blocks[len(self.blocks)] = []
         return len(self.blocks) - 1
 

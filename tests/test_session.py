@@ -29,7 +29,7 @@ class RecordingBackend:
         self.inner = inner
         self.tokens: dict[int, list[int]] = {}
 
-    def new_block(self, reserve: int = 16) -> int:
+    def new_block(self, reserve: int = 0) -> int:
         block = self.inner.new_block(reserve)
         self.tokens[block] = []
         return block

@@ -52,7 +52,7 @@ def test_restored_engine_continues_like_an_uninterrupted_one():
     first, script = LocalCache("instant", lm), Script()
     script.setup(first)
     got = script.first(first)
-    blob = KVSnapshot(capture(first.engine.store), max(first.engine.store.spans) + 1, {"m": 1}).to_bytes()
+    blob = KVSnapshot(capture(first.engine.store), max(first.engine.store.blocks) + 1, {"m": 1}).to_bytes()
     second = LocalCache("instant", lm)
     restore(second.engine.store, KVSnapshot.from_bytes(blob))
     got += script.second(second)

@@ -12,21 +12,22 @@ import hashlib
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import ray
 import torch
 from transformers import PretrainedConfig
 
-from cache_service.errors import ConfigError
+from cache_service.errors import ConfigError, HogwildError
+from cache_service.kv_store import PoolConfig
 from cache_service.layout import View
 from cache_service.planner import DIRECT_MIN_TOKENS, Mode
 from cache_service.service import Record
 from cache_service.snapshot import KVSnapshot, capture, restore
 from workers.backend import Backend
 from workers.distributed import DistributedBackend, Placement
-from workers.engine import HogwildEngine
+from workers.engine import HogwildEngine, pool_tokens
 from workers.exchange import Collective, free_port, leave, rendezvous
 from workers.model import LoadedModel, load_model
 from workers.model_store import resolve_model
@@ -62,7 +63,7 @@ class EngineSpec:
     model: ModelSpec
     mode: str = "instant"
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    capacity: int = 4096
+    pool: PoolConfig = field(default_factory=PoolConfig)
     direct_min: int = DIRECT_MIN_TOKENS
     overlap_min: int | None = None  # history tokens from which the K/V exchange overlaps attention
 
@@ -119,7 +120,8 @@ class WorkerActor:
         self.lm = spec.model.load(self.device)
         self.collective = Collective(placement.rank, placement.world, self.device)
         self.recorder: ServiceRecorder | None = None
-        self.backend = self._backend(spec.mode, spec.sampling)
+        self.engine: HogwildEngine | None = None  # built by connect(), its pool sized alike on every rank
+        self._backend: DistributedBackend | None = None
 
     # ---- setup -------------------------------------------------------------------------------
     def identity(self) -> dict:
@@ -134,13 +136,25 @@ class WorkerActor:
         return f"{host}:{free_port(host)}"
 
     def connect(self, address: str, timeout_s: float, service: Any = None) -> None:
-        """Join the process group (``timeout_s`` bounds the rendezvous and every collective);
-        rank 0 also reports to ``service`` (a CacheService handle)."""
+        """Join the process group (``timeout_s`` bounds the rendezvous and every collective) and
+        allocate the engine's KV pool, as large as the smallest rank's (the ranks mirror each other's
+        pages); rank 0 also reports to ``service`` (a CacheService handle)."""
         if self.placement.world > 1:
             rendezvous(address, self.placement.rank, self.placement.world, self.device, timeout_s)
         if service is not None and self.placement.rank == 0:
             self.recorder = ServiceRecorder(service)
-            self.backend.recorder = self.recorder
+        pool = self.spec.pool
+        tokens = self.collective.agree_min(pool_tokens(self.lm, pool))
+        self.engine = HogwildEngine(self.lm, mode=self.spec.mode, pool=replace(pool, tokens=tokens),
+                                    direct_min=self.spec.direct_min, overlap_min=self.spec.overlap_min)
+        self._backend = DistributedBackend(self.engine, self.spec.sampling, self.placement, self.collective,
+                                           self.recorder)
+
+    @property
+    def backend(self) -> DistributedBackend:
+        if self._backend is None:
+            raise HogwildError("the worker actor is not connected; call connect() first")
+        return self._backend
 
     def weights_digest(self) -> str:
         """sha256 of the weights (placement tests check every replica is the same model)."""
@@ -154,21 +168,18 @@ class WorkerActor:
               sampling: SamplingParams | None = None) -> None:
         """A fresh, empty cache (optionally in another mode, with other sampling, with fresh
         per-worker generators), or one restored from ``snapshot``."""
-        self.backend = self._backend(mode or self.backend.engine.mode.value, sampling or self.backend.params)
+        params = sampling or self.backend.params
+        self.engine.clear(mode)
+        self._backend = DistributedBackend(self.engine, params, self.placement, self.collective, self.recorder)
         if snapshot is not None:
             restore(self.backend.engine.store, KVSnapshot.from_bytes(snapshot))
             if self.recorder is not None:  # the service adopted the same snapshot: it mirrors all
-                self.backend.mirrored = set(self.backend.engine.store.spans)
+                self.backend.mirrored = set(self.backend.engine.store.blocks)
         elif self.recorder is not None:
             self.recorder.clear()
 
-    def _backend(self, mode: str, sampling: SamplingParams) -> DistributedBackend:
-        engine = HogwildEngine(self.lm, mode=mode, capacity=self.spec.capacity, direct_min=self.spec.direct_min,
-                               overlap_min=self.spec.overlap_min)
-        return DistributedBackend(engine, sampling, self.placement, self.collective, self.recorder)
-
     # ---- lockstep cache operations -----------------------------------------------------------
-    def new_block(self, reserve: int = 16) -> int:
+    def new_block(self, reserve: int = 0) -> int:
         return self.backend.new_block(reserve)
 
     def length(self, block: int) -> int:
@@ -213,14 +224,14 @@ class WorkerActor:
     # ---- snapshots and statistics ------------------------------------------------------------
     def live_state(self) -> dict:
         """For a snapshot (rank 0): ``live`` blocks (those the service does not mirror), every
-        block's (length, capacity) in ``spans``, ``next_block`` and ``mode``. Waits until the
+        block's (length, reserved tokens) in ``spans``, ``next_block`` and ``mode``. Waits until the
         service has applied every record."""
         if self.recorder is not None:
             self.recorder.sync()
         store = self.backend.engine.store
-        live = [b for b in sorted(store.spans) if b not in self.backend.mirrored]
-        return {"live": capture(store, live), "spans": {b: (s.length, s.capacity) for b, s in store.spans.items()},
-                "next_block": max(store.spans, default=-1) + 1, "mode": self.backend.engine.mode.value}
+        live = [b for b in sorted(store.blocks) if b not in self.backend.mirrored]
+        return {"live": capture(store, live), "spans": {b: (s.length, s.reserved) for b, s in store.blocks.items()},
+                "next_block": max(store.blocks, default=-1) + 1, "mode": self.backend.engine.mode.value}
 
     def exchange_stats(self, reset: bool = False) -> dict:
         stats = self.collective.stats

@@ -20,7 +20,7 @@ from workers.sampling import SamplingParams, sample, worker_generator
 class Backend(Protocol):
     """Shared-cache operations of one session; row i of a step is worker ``workers[i]``."""
 
-    def new_block(self, reserve: int = 16) -> int: ...
+    def new_block(self, reserve: int = 0) -> int: ...
 
     def length(self, block: int) -> int: ...
 
@@ -46,7 +46,7 @@ class LocalBackend:
         self.params = params
         self.generators = [worker_generator(params, w) for w in range(n_workers)]
 
-    def new_block(self, reserve: int = 16) -> int:
+    def new_block(self, reserve: int = 0) -> int:
         return self.engine.new_block(reserve)
 
     def length(self, block: int) -> int:

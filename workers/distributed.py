@@ -116,7 +116,7 @@ class DistributedBackend:
         self.mirrored: set[int] = set()  # blocks whose whole K/V the recorder has
 
     # ---- Backend -----------------------------------------------------------------------------
-    def new_block(self, reserve: int = 16) -> int:
+    def new_block(self, reserve: int = 0) -> int:
         return self.engine.new_block(reserve)
 
     def length(self, block: int) -> int:
@@ -133,7 +133,7 @@ class DistributedBackend:
             entries = store.read(block)[:, :, :, before:]
         else:
             layers, two, kv_heads, head_dim = store.shape
-            entries = store.arena.new_empty(layers, two, kv_heads, len(tokens), head_dim)
+            entries = store.pool.new_empty(layers, two, kv_heads, len(tokens), head_dim)
         entries = self.collective.broadcast(entries, src=0)
         if self.placement.rank != 0:
             store.append(block, entries)
@@ -203,7 +203,7 @@ class DistributedBackend:
     def _local_entries(self, rows: Rows, order: StepOrder, before: dict[int, int], width: int) -> torch.Tensor:
         """``[local rows, layers, 2, kv_heads, width, d]``: what the local rows just wrote (padded)."""
         store = self.engine.store
-        out = store.arena.new_zeros(len(order.local), *store.shape[:3], width, store.shape[3])
+        out = store.pool.new_zeros(len(order.local), *store.shape[:3], width, store.shape[3])
         for k, i in enumerate(order.local):
             view, tokens = rows[i]
             begin = before[view.target]
@@ -214,7 +214,7 @@ class DistributedBackend:
         """The per-layer all-gathers of an instant step, with no rows of our own."""
         store = self.engine.store
         layers, _, kv_heads, head_dim = store.shape
-        nothing = store.arena.new_zeros(local, 2, kv_heads, width, head_dim)
+        nothing = store.pool.new_zeros(local, 2, kv_heads, width, head_dim)
         per_layer = [self.collective.gather_rows(nothing, counts) for _ in range(layers)]
         return torch.stack(per_layer, dim=1)  # [rows, layers, 2, kv_heads, width, d]
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from cache_service.errors import ConfigError, HogwildError, LayoutError
-from cache_service.kv_store import KVStore
+from cache_service.kv_store import KVStore, PoolConfig
 from cache_service.layout import View
 from cache_service.planner import DIRECT_MIN_TOKENS, Mode, Row, overlap_min_tokens, plan_step
 from workers.hook import ATTENTION_NAME, Exchange, StepContext
@@ -16,15 +16,26 @@ from workers.model import LoadedModel
 Step = tuple[View, Sequence[int]]  # (view, new tokens written to view.target)
 
 
+def pool_tokens(lm: LoadedModel, pool: PoolConfig) -> int:
+    """Tokens of the KV pool ``pool`` gives an engine of ``lm`` on its device."""
+    config = lm.config
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * lm.rope.head_dim * lm.dtype.itemsize
+    return pool.tokens_for(per_token, lm.device)
+
+
 class HogwildEngine:
-    """Owns one model replica and its KV store; every method is one step of the contract."""
+    """Owns one model replica and its KV pool; every method is one step of the contract.
+
+    The pool is allocated here, once, sized by ``pool`` (a ``PoolConfig``); a request it cannot
+    hold raises ``PoolExhaustedError`` before anything is written, and the engine stays usable.
+    """
 
     def __init__(
         self,
         lm: LoadedModel,
         *,
         mode: Mode | str = Mode.INSTANT,
-        capacity: int = 4096,
+        pool: PoolConfig | None = None,
         direct_min: int = DIRECT_MIN_TOKENS,
         overlap_min: int | None = None,
     ) -> None:
@@ -35,11 +46,19 @@ class HogwildEngine:
         self.direct_min = direct_min
         self.overlap_min = overlap_min_tokens(lm.device) if overlap_min is None else overlap_min
         self.group = config.num_attention_heads // config.num_key_value_heads
+        pool = pool or PoolConfig()
         self.store = KVStore(config.num_hidden_layers, config.num_key_value_heads, head_dim,
-                             capacity=capacity, dtype=lm.dtype, device=lm.device)
+                             tokens=pool_tokens(lm, pool), page_size=pool.page_size,
+                             dtype=lm.dtype, device=lm.device)
+
+    def clear(self, mode: Mode | str | None = None) -> None:
+        """Free every block (the pool stays allocated), optionally switching the mode."""
+        self.store.clear()
+        if mode is not None:
+            self.mode = Mode.parse(mode)
 
     # ---- blocks ------------------------------------------------------------------------------
-    def new_block(self, reserve: int = 16) -> int:
+    def new_block(self, reserve: int = 0) -> int:
         return self.store.new_block(reserve)
 
     def length(self, block: int) -> int:
@@ -76,12 +95,16 @@ class HogwildEngine:
         self._check_attention()
         rows = [Row(view, len(tokens)) for view, tokens in steps]
         local = range(len(rows)) if local is None else local
-        for row in rows:
-            self.store.reserve(row.view.target, row.tokens)
-        planned = plan_step(self.store, rows, self.mode, self.lm.rope, group=self.group,
-                            direct_min=self.direct_min, local=local, overlap_min=self.overlap_min,
-                            write_remote=exchange is not None or len(local) == len(rows))
-        self._check_context(planned.view_length)
+        self.store.reserve_many({row.view.target: row.tokens for row in rows})
+        try:
+            planned = plan_step(self.store, rows, self.mode, self.lm.rope, group=self.group,
+                                direct_min=self.direct_min, local=local, overlap_min=self.overlap_min,
+                                write_remote=exchange is not None or len(local) == len(rows))
+            self._check_context(planned.view_length)
+        except HogwildError:  # a refused step keeps no pages
+            for row in rows:
+                self.store.truncate(row.view.target, self.store.length(row.view.target))
+            raise
         plan, device, width = planned.plan, self.lm.device, planned.plan.tokens
         ids = torch.tensor([list(t) + [t[-1]] * (width - len(t)) for _, t in steps[local.start : local.stop]],
                            device=device)
@@ -92,7 +115,7 @@ class HogwildEngine:
             hogwild=StepContext(self.store, plan, exchange),
         )
         for row in rows:
-            self.store.span(row.view.target).length += row.tokens
+            self.store.block(row.view.target).length += row.tokens
         hidden = out.last_hidden_state
         head = self.lm.model.get_output_embeddings()
         mine = rows[local.start : local.stop]

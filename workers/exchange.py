@@ -115,6 +115,14 @@ class Collective:
         self._count(start, tensor if self.rank == src else tensor[:0])
         return tensor
 
+    def agree_min(self, value: int) -> int:
+        """The smallest ``value`` of all ranks (e.g. the KV pool size every replica can hold)."""
+        if self.world == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.long, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        return int(tensor.item())
+
     def gather_tokens(self, tokens: Sequence[int], counts: Sequence[int]) -> list[int]:
         """Every rank's sampled tokens, concatenated in rank order."""
         local = torch.tensor(list(tokens), dtype=torch.long, device=self.device).reshape(len(tokens))

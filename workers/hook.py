@@ -52,7 +52,7 @@ def hogwild_attention(
             "call it through workers.engine.HogwildEngine"
         )
     layer, plan = module.layer_idx, hogwild.plan
-    kv = hogwild.store.arena[layer]
+    kv = hogwild.store.pool[layer]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if hogwild.exchange is None:
         write_new_entries(kv, key, value, plan)
