@@ -2,7 +2,8 @@
 
 Both sides see the same model and the same context: a shared prompt of C tokens plus a short
 per-worker step. The engine holds the prompt once (one block read in place by every worker); the
-Hugging Face baseline holds N copies in a DynamicCache. Variants alternate (A B A B ...).
+Hugging Face baseline holds N copies in a DynamicCache. Variants alternate (A B A B ...). The
+engine's KV pool is sized for the run; the table gives the bytes its blocks hold and the pool's.
 
     python -m benchmarks.step_overhead                 # default model, N in (2, 4), C in (512, 2048, 4096)
     python -m benchmarks.step_overhead --tiny --repeats 5
@@ -18,6 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from benchmarks.common import interleave
+from cache_service.kv_store import PoolConfig
 from cache_service.layout import View
 from workers.engine import HogwildEngine
 from workers.model import LoadedModel, load_model, tiny_config
@@ -28,7 +30,7 @@ STEP_TOKENS = 16  # tokens already in each worker's current step
 
 def engine_stepper(lm: LoadedModel, prompt: list[int], n: int, repeats: int):
     """A closure doing one engine decode step of ``n`` workers in the combined layout."""
-    engine = HogwildEngine(lm, capacity=len(prompt) + n * (STEP_TOKENS + repeats + 64))
+    engine = HogwildEngine(lm, pool=PoolConfig(tokens=len(prompt) + n * (STEP_TOKENS + repeats + 64)))
     common = engine.new_block(len(prompt))
     engine.prefill(common, prompt)
     steps = [engine.new_block(STEP_TOKENS + repeats + 16) for _ in range(n)]
@@ -39,7 +41,7 @@ def engine_stepper(lm: LoadedModel, prompt: list[int], n: int, repeats: int):
     def step() -> None:
         engine.forward([(view, token) for view in views])
 
-    return step, engine.store.nbytes()
+    return step, engine.store.nbytes(), engine.store.pool_bytes()
 
 
 def hf_stepper(model: torch.nn.Module, prompt: list[int], n: int):
@@ -75,20 +77,20 @@ def main(argv: list[str] | None = None) -> None:
     hf_model.set_attn_implementation("sdpa")
     print(f"model={lm.name} threads={torch.get_num_threads()} repeats={args.repeats}")
     print(f"{'N':>2} {'ctx':>5} | {'engine ms (iqr)':>18} | {'HF ms (iqr)':>18} | {'ratio':>5} | "
-          f"{'eng user/sys s':>14} | {'HF user/sys s':>14} | {'KV MB eng/HF':>13}")
+          f"{'eng user/sys s':>14} | {'HF user/sys s':>14} | {'KV MB eng/HF':>13} | {'pool MB':>7}")
     ratios = {}
     for n in args.workers:
         for ctx in args.contexts:
             prompt = torch.randint(0, lm.config.vocab_size, (ctx,)).tolist()
             hf_step, hf_bytes = hf_stepper(hf_model, prompt, n)
-            engine_step, eng_bytes = engine_stepper(lm, prompt, n, args.repeats + 4)
+            engine_step, eng_bytes, pool_bytes = engine_stepper(lm, prompt, n, args.repeats + 4)
             t = interleave({"engine": engine_step, "hf": hf_step}, args.repeats)
             e, h = t["engine"], t["hf"]
             ratio = e.median / h.median
             ratios[(n, ctx)] = ratio
             print(f"{n:>2} {ctx:>5} | {e.median:>8.1f} ({e.spread:>8}) | {h.median:>8.1f} ({h.spread:>8}) | "
                   f"{ratio:>5.2f} | {e.user_s:>6.2f}/{e.system_s:<6.2f} | {h.user_s:>6.2f}/{h.system_s:<6.2f} | "
-                  f"{eng_bytes / 2**20:>6.1f}/{hf_bytes / 2**20:<6.1f}")
+                  f"{eng_bytes / 2**20:>6.1f}/{hf_bytes / 2**20:<6.1f} | {pool_bytes / 2**20:>7.1f}")
             sys.stdout.flush()
     key = (2, 2048) if (2, 2048) in ratios else next(iter(ratios))
     print(f"step_overhead_ratio={ratios[key]:.3f}")
