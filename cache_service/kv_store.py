@@ -10,6 +10,12 @@ A request that the free pages cannot hold raises ``PoolExhaustedError`` before a
 Allocation keeps blocks in few contiguous runs (attention reads a run in place with one matmul): a
 growing block takes the pages right after its last one while they are free, and a request of several
 pages takes the first free run long enough to hold them all.
+
+One more page, after the ``pages`` usable ones, is the **null page**: it always holds zeros, is
+never in the free list and never belongs to a block. Attention pads rows of a gathered tail with its
+first slot (``null_slot``), so a padded column reads zeros and never another block's entries (a NaN
+in a block cannot reach a row that does not read that block). The accounting (``pages``,
+``capacity``, ``used_pages``, ``free_pages``) counts the usable pages only.
 """
 
 from __future__ import annotations
@@ -113,13 +119,16 @@ class KVStore:
         self.shape = (layers, 2, kv_heads, head_dim)
         self.page_size = page_size
         self.pages = tokens // page_size
+        self.null_slot = self.pages * page_size  # the null page's first slot: always zeros
         with torch.inference_mode(False):  # a normal tensor: written inside and outside inference mode
-            self.pool = torch.zeros(layers, 2, kv_heads, self.pages * page_size, head_dim,
+            self.pool = torch.zeros(layers, 2, kv_heads, (self.pages + 1) * page_size, head_dim,
                                      dtype=dtype, device=device)
         self.clear()
 
     def clear(self) -> None:
-        """Forget every block (ids start again at 0); the pool tensor stays where it is."""
+        """Forget every block (ids start again at 0); the pool tensor stays where it is, and the
+        null page (never free, never a block's) holds zeros."""
+        self.pool[:, :, :, self.null_slot :].zero_()
         self.blocks: dict[int, Block] = {}
         self._free = set(range(self.pages))
         self._lowest = list(range(self.pages))  # min-heap of free pages (stale entries skipped)
@@ -150,8 +159,8 @@ class KVStore:
         return self.bytes_per_token() * sum(b.length for b in self.blocks.values())
 
     def pool_bytes(self) -> int:
-        """Bytes of the whole pool (allocated once)."""
-        return self.pool.numel() * self.pool.element_size()
+        """Bytes of the usable pool (allocated once, with one null page more)."""
+        return self.capacity * self.bytes_per_token()
 
     # ---- blocks ------------------------------------------------------------------------------
     def block(self, block: int) -> Block:

@@ -3,6 +3,11 @@
 All per-step attention metadata is built here, once per step, and shared by every layer: view
 offsets, the block-local positions the model rotates new queries and keys to, where new entries
 land, which blocks are read in place and which are gathered, the rotations and the masks.
+
+Only the rows computed here (``local``) read: a block read in place is scored by the contiguous
+range of local rows from its first to its last reader (rows of other sessions, with disjoint
+views, never score it when each session's rows are contiguous), up to the longest view of it
+among those readers; the tail holds the local rows' small blocks only.
 """
 
 from __future__ import annotations
@@ -70,14 +75,14 @@ class _Read:
     own: int  # -1, or the block's length before the step when it is the row's own target
 
 
-# One block of key columns: (width, per row: [(read, first column)])
-_Segment = tuple[int, list[list[tuple[_Read, int]]]]
+# Where a row's reads sit among a segment's key columns: [(read, first column)]
+_Placed = list[tuple[_Read, int]]
 
 
 def plan_step(
     store: KVStore,
     rows: list[Row],
-    mode: Mode,
+    mode: Mode | list[Mode],
     rope: RopeTable,
     *,
     group: int = 1,
@@ -86,18 +91,21 @@ def plan_step(
     write_remote: bool = True,
     overlap_min: int = 0,
 ) -> PlannedStep:
-    """Plan one step for query heads in groups of ``group`` per kv head.
+    """Plan one step for query heads in groups of ``group`` per kv head; ``mode`` for every row,
+    or one per row (a row sees its peers' entries of this step when ITS mode is instant).
 
-    ``local``: the rows this device computes (default all; queries, positions and masks cover only
-    them). ``write_remote``: whether the layers store the new entries of all rows (they arrive by
-    exchange, instant mode) or only the local rows' (the rest is exchanged after the step).
+    ``local``: the rows this device computes (default all; queries, positions, masks and the
+    blocks read, up to the lengths these rows see, cover only them). ``write_remote``: whether
+    the layers store the new entries of all rows (they arrive by exchange, instant mode) or only
+    the local rows' (the rest is exchanged after the step).
     ``overlap_min``: the unwritten history read in place is scored before the new entries are
     stored (while they travel) when it holds at least this many tokens. Call it before the new
     tokens count in the block lengths; the caller advances them after the forward.
     """
     writers = _writers(rows)
     before = {b: store.length(b) for b in writers}
-    reads, view_length = _reads(store, rows, mode, before, writers)
+    modes = [mode] * len(rows) if isinstance(mode, Mode) else list(mode)
+    reads, view_length = _reads(store, rows, modes, before, writers)
     n_rows, tokens = len(rows), max(r.tokens for r in rows)
     local = range(n_rows) if local is None else local
     device, dtype = store.pool.device, store.pool.dtype
@@ -112,11 +120,12 @@ def plan_step(
                    store.slots(rows[i].view.target, before[rows[i].view.target],
                                before[rows[i].view.target] + rows[i].tokens)]
 
+    reads = [r for r in reads if r.row in local]  # only the rows computed here read
     direct_blocks = _direct_blocks(reads, direct_min, writers)
     shape = _Shape(rows, tokens, group, local, rope, dtype, device)
     direct = [_direct_chunk(store, shape, [r for r in reads if r.block == b]) for b in direct_blocks]
     tail = _tail(store, shape, [[r for r in reads if r.row == i and r.block not in direct_blocks]
-                                for i in range(n_rows)])
+                                for i in local])
     unwritten = direct[: sum(b not in writers for b in direct_blocks)]
     plan = AttentionPlan(
         rows=len(local),
@@ -146,7 +155,7 @@ def _writers(rows: list[Row]) -> dict[int, int]:
     return writers
 
 
-def _reads(store: KVStore, rows: list[Row], mode: Mode, before: dict[int, int],
+def _reads(store: KVStore, rows: list[Row], modes: list[Mode], before: dict[int, int],
            writers: dict[int, int]) -> tuple[list[_Read], int]:
     """Every (row, block) pair with visible tokens, and the longest view length."""
 
@@ -154,7 +163,7 @@ def _reads(store: KVStore, rows: list[Row], mode: Mode, before: dict[int, int],
         if block == rows[i].view.target:
             return before[block] + rows[i].tokens
         if block in writers:
-            return before[block] + (rows[writers[block]].tokens if mode is Mode.INSTANT else 0)
+            return before[block] + (rows[writers[block]].tokens if modes[i] is Mode.INSTANT else 0)
         return store.length(block)
 
     reads, longest = [], 0
@@ -193,24 +202,28 @@ class _Shape:
 
 
 def _direct_chunk(store: KVStore, shape: _Shape, block_reads: list[_Read]) -> DirectChunk:
+    """The block of ``block_reads`` (local reads) for the rows from its first to its last reader."""
     by_row = {r.row: r for r in block_reads}
+    readers = range(min(by_row), max(by_row) + 1)
     length = max(r.visible for r in block_reads)
-    shifts = torch.tensor([by_row[i].shift if i in by_row else 0 for i in shape.local])
+    shifts = torch.tensor([by_row[i].shift if i in by_row else 0 for i in readers])
     rotation = None
     if shifts.any():
         rotation = shape.rope.rotation(shifts[:, None], shape.dtype, shape.device)
-    placements = [[(by_row[i], 0)] if i in by_row else [] for i in range(len(shape.rows))]
-    mask = _mask(shape, (length, placements))
+    mask = _mask(shape, readers, length, [[(by_row[i], 0)] if i in by_row else [] for i in readers])
     if mask is not None:
         mask = mask.reshape(-1, length)  # [R * g * T, L]
-    return DirectChunk(tuple(store.runs(block_reads[0].block, length)), length, rotation, mask)
+    first = readers.start - shape.local.start
+    return DirectChunk(runs=tuple(store.runs(block_reads[0].block, length)), length=length,
+                       rows=(first, first + len(readers)), rotation=rotation, mask=mask)
 
 
 def _tail(store: KVStore, shape: _Shape, tail_reads: list[list[_Read]]) -> TailGather | None:
-    size = max(sum(r.visible for r in row_reads) for row_reads in tail_reads)
+    """The local rows' other reads, gathered per row; shorter rows are padded with the null slot."""
+    size = max((sum(r.visible for r in row_reads) for row_reads in tail_reads), default=0)
     if not size:
         return None
-    slots = torch.zeros(len(tail_reads), size, dtype=torch.long)
+    slots = torch.full((len(tail_reads), size), store.null_slot, dtype=torch.long)
     shifts = torch.zeros(len(tail_reads), size, dtype=torch.long)
     placements = []
     for i, row_reads in enumerate(tail_reads):
@@ -221,23 +234,22 @@ def _tail(store: KVStore, shape: _Shape, tail_reads: list[list[_Read]]) -> TailG
             placed.append((r, at))
             at += r.visible
         placements.append(placed)
-    mine = slice(shape.local.start, shape.local.stop)
-    rotation = shape.rope.rotation(shifts[mine].flatten(), shape.dtype, shape.device)
-    mask = _mask(shape, (size, placements))
+    rotation = shape.rope.rotation(shifts.flatten(), shape.dtype, shape.device)
+    mask = _mask(shape, shape.local, size, placements)
     if mask is not None:  # [kvh * R, g * T, S], the batch layout of the tail matmul
         kv_heads, width = store.pool.shape[2], shape.group * shape.tokens
         mask = mask.reshape(1, -1, size).expand(kv_heads, -1, -1).reshape(-1, width, size)
-    return TailGather(size, slots[mine].flatten().to(shape.device), rotation, mask)
+    return TailGather(size, slots.flatten().to(shape.device), rotation, mask)
 
 
-def _mask(shape: _Shape, segment: _Segment) -> torch.Tensor | None:
-    """Additive mask ``[local rows, g, T, width]``: -inf where a row may not look, or None."""
-    width, placements = segment
-    rows, tokens = shape.rows, shape.tokens
-    allowed = torch.zeros(len(shape.local), tokens, width, dtype=torch.bool)
-    for k, i in enumerate(shape.local):
-        query = torch.arange(tokens).clamp(max=rows[i].tokens - 1)  # padding repeats the last token
-        for r, col in placements[i]:
+def _mask(shape: _Shape, rows: range, width: int, placements: list[_Placed]) -> torch.Tensor | None:
+    """Additive mask ``[len(rows), g, T, width]``: -inf where a row may not look, or None.
+    ``placements[k]``: where row ``rows[k]``'s reads sit among the ``width`` columns."""
+    tokens = shape.tokens
+    allowed = torch.zeros(len(rows), tokens, width, dtype=torch.bool)
+    for k, i in enumerate(rows):
+        query = torch.arange(tokens).clamp(max=shape.rows[i].tokens - 1)  # padding repeats the last token
+        for r, col in placements[k]:
             seen = allowed[k, :, col : col + r.visible]
             if r.own >= 0:  # causal inside the row's own block
                 seen.copy_(torch.arange(r.visible)[None, :] <= (r.own + query)[:, None])

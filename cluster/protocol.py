@@ -1,9 +1,14 @@
-"""The collaboration protocol: a deterministic program that drives a ``Backend`` and reports events.
+"""The collaboration protocol: a deterministic program, driven from outside (sans-IO).
 
-``Program(problem, config, codec, max_context).run(backend)`` yields ``Event``s. Every decision
-(step ends, commits, redundancy checks, answers, the finisher) depends only on the config and the
-tokens the backend returns, and the program holds no global state and is picklable: every actor of
-a distributed session can run the same program in lockstep and take the same decisions.
+``Program(problem, config, codec, max_context).start(cache)`` is a generator of ``Event``s and
+requests: ``Prefill`` (encode tokens into a block; answered with None) and ``Decode`` (one token for
+each of some workers; answered with the sampled tokens, ``generator.send(tokens)``). Block
+bookkeeping (``new_block``, ``length``, ``commit``) is called on ``cache`` directly. So one scheduler
+can drive many programs and batch their requests (``cluster.host.SessionHost``); ``run(backend)``
+drives one program on one ``Backend`` (``drive``). Every decision (step ends, commits, redundancy
+checks, answers, the finisher) depends only on the config and the tokens handed back, and the
+program holds no global state and is picklable: every actor of a distributed session can run the
+same program in lockstep and take the same decisions.
 
 A worker's step lives in its step block. A sampled token is written at the next decode step; when
 it finishes a step, that decode step writes it, the step is committed (layouts that commit) and the
@@ -12,9 +17,9 @@ next step's prefix is written after it (the sample drawn after a step end is dro
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from cache_service.errors import ConfigError
 from cache_service.layout import View
@@ -60,6 +65,57 @@ class ProtocolConfig:
         return NAMES[: self.workers]
 
 
+class BlockCache(Protocol):
+    """The block bookkeeping a program calls directly (cheap, no forward pass)."""
+
+    def new_block(self, reserve: int = 0) -> int: ...
+
+    def length(self, block: int) -> int: ...
+
+    def commit(self, step_block: int, into: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class Prefill:
+    """Request: encode ``tokens`` into ``block`` after the blocks of ``context``."""
+
+    block: int
+    tokens: tuple[int, ...]
+    context: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Decode:
+    """Request: write each row's tokens and sample one token per row (greedy when asked, never one
+    of ``suppress``); answered with the tokens, in row order."""
+
+    rows: tuple[tuple[View, tuple[int, ...]], ...]
+    workers: tuple[int, ...]
+    greedy: bool = False
+    suppress: tuple[int, ...] = ()
+
+
+Request = Prefill | Decode
+Steps = Generator["Event | Request", "Sequence[int] | None", None]
+
+
+def drive(steps: Steps, backend: Backend) -> Iterator[Event]:
+    """Run one program on one backend: perform its requests, yield its events."""
+    reply = None
+    while True:
+        try:
+            item = steps.send(reply)
+        except StopIteration:
+            return
+        reply = None
+        if isinstance(item, Prefill):
+            backend.prefill(item.block, item.tokens, item.context)
+        elif isinstance(item, Decode):
+            reply = backend.step(item.rows, item.workers, greedy=item.greedy, suppress=item.suppress)
+        else:
+            yield item
+
+
 def check_problem(problem: str) -> str:
     """The problem text, stripped; an empty one is a ``ConfigError``."""
     if not isinstance(problem, str) or not problem.strip():
@@ -91,7 +147,26 @@ class Program:
 
     def run(self, backend: Backend) -> Iterator[Event]:
         """Run the session on ``backend``; the events stream as they happen."""
-        return _Run(self, backend).events()
+        return drive(self.start(backend), backend)
+
+    def start(self, cache: BlockCache) -> Steps:
+        """The session as a generator of events and requests (see the module docstring)."""
+        return _Run(self, cache).events()
+
+    def worst_case_pages(self, page_size: int) -> int:
+        """Pool pages this session can ever hold at once (what a host admits it by): every token
+        it can write, or every view at full context, whichever is less, plus page rounding and the
+        blocks' reservations."""
+        config = self.config
+        fixed = len(self.prompt_ids) + sum(map(len, self.shared_ids.values()))
+        fixed += sum(len(ids) for parts in self.worker_ids for ids in parts.values())
+        longest = max(len(self.check_ids), len(self.separator_ids), len(self.prefix_ids(0, 10 ** 4)))
+        written = config.workers * (config.max_steps + 1) * (longest + 1)
+        written += len(self.finisher_ids) + config.answer_tokens
+        tokens = fixed + min(written, config.workers * self.max_context)
+        blocks = 1 + len(self.shared_ids) + sum(len(parts) + 1 for parts in self.worker_ids)
+        reserved = [len(self.prompt_ids) + config.max_steps] + [config.max_step_tokens + 16] * config.workers
+        return -(-tokens // page_size) + blocks + sum(-(-r // page_size) for r in reserved)
 
     def prefix_ids(self, worker: int, step: int) -> list[int]:
         return self.codec.encode(self.config.templates.prefix(self.config.names[worker], step))
@@ -116,24 +191,28 @@ class Program:
             )
 
 
-def allocate_blocks(program: Program, backend: Backend) -> BlockTable:
+def allocate_blocks(program: Program, cache: BlockCache) -> Generator[Prefill, None, BlockTable]:
     """Create the session's blocks: the prompt, the fixed layout texts (prefilled after the prompt)
-    and an empty step block per worker. Works on anything with ``new_block``/``prefill``."""
-    common = backend.new_block(len(program.prompt_ids) + program.config.max_steps)
-    backend.prefill(common, program.prompt_ids)
+    and an empty step block per worker (``table = yield from allocate_blocks(...)``)."""
+    common = cache.new_block(len(program.prompt_ids) + program.config.max_steps)
+    yield Prefill(common, tuple(program.prompt_ids))
 
-    def prefilled(ids: list[int]) -> int:
-        block = backend.new_block(len(ids))
-        backend.prefill(block, ids, (common,))
+    def prefilled(ids: list[int]) -> Generator[Prefill, None, int]:
+        block = cache.new_block(len(ids))
+        yield Prefill(block, tuple(ids), (common,))
         return block
 
-    shared = {part: prefilled(ids) for part, ids in program.shared_ids.items()}
-    workers = tuple(
-        {**{part: prefilled(ids) for part, ids in parts.items()},
-         "step": backend.new_block(program.config.max_step_tokens + 16)}
-        for parts in program.worker_ids
-    )
-    return BlockTable(common, shared, workers)
+    shared = {}
+    for part, ids in program.shared_ids.items():
+        shared[part] = yield from prefilled(ids)
+    workers = []
+    for parts in program.worker_ids:
+        blocks = {}
+        for part, ids in parts.items():
+            blocks[part] = yield from prefilled(ids)
+        blocks["step"] = cache.new_block(program.config.max_step_tokens + 16)
+        workers.append(blocks)
+    return BlockTable(common, shared, tuple(workers))
 
 
 @dataclass
@@ -154,18 +233,18 @@ class _Worker:
 
 
 class _Run:
-    """One execution of a program on a backend (the mutable half of ``Program``)."""
+    """One execution of a program (the mutable half of ``Program``)."""
 
-    def __init__(self, program: Program, backend: Backend) -> None:
+    def __init__(self, program: Program, cache: BlockCache) -> None:
         self.p = program
         self.config = program.config
         self.templates = program.config.templates
-        self.backend = backend
+        self.cache = cache
         self.table: BlockTable | None = None
         self.workers: list[_Worker] = []
 
-    def events(self) -> Iterator[Event]:
-        self.table = allocate_blocks(self.p, self.backend)
+    def events(self) -> Steps:
+        self.table = yield from allocate_blocks(self.p, self.cache)
         self.workers = [_Worker(w, view(self.p.layout, self.table, w)) for w in range(self.config.workers)]
         yield Started(self.config.names, self.p.layout.name, len(self.p.prompt_ids), self.config.max_steps)
         for worker in self.workers:
@@ -184,10 +263,10 @@ class _Run:
         yield from self._finish(reason, steps)
 
     # ---- decoding ----------------------------------------------------------------------------
-    def _decode_step(self) -> Iterator[Event]:
+    def _decode_step(self) -> Steps:
         """One token per worker; returns ``(worker, answer)`` of the first worker that answered."""
-        rows = [(w.view, w.feed) for w in self.workers]
-        tokens = self.backend.step(rows, [w.index for w in self.workers], suppress=self.p.codec.stop_ids)
+        rows = tuple((w.view, tuple(w.feed)) for w in self.workers)
+        tokens = yield Decode(rows, tuple(w.index for w in self.workers), suppress=tuple(self.p.codec.stop_ids))
         found = None
         for worker, token in zip(self.workers, tokens, strict=True):
             answer = yield from self._advance(worker, token)
@@ -230,7 +309,7 @@ class _Run:
 
     def _close_step(self, w: _Worker) -> Iterator[Event]:
         if self.p.layout.commits:
-            self.backend.commit(self.table.step(w.index), self.table.common)
+            self.cache.commit(self.table.step(w.index), self.table.common)
         yield StepDone(w.index, w.step, w.text, len(w.ids), self.p.layout.commits)
         yield from self._begin_step(w)
 
@@ -255,12 +334,12 @@ class _Run:
     def _fits(self) -> bool:
         """Whether every view still has room for this step and the finisher."""
         blocks = {b for w in self.workers for b in w.view.blocks}
-        lengths = {b: self.backend.length(b) for b in sorted(blocks)}
+        lengths = {b: self.cache.length(b) for b in sorted(blocks)}
         need = sum(len(w.feed) for w in self.workers) + self.p.reserve
         return all(sum(lengths[b] for b in w.view.blocks) + need <= self.p.max_context for w in self.workers)
 
     # ---- the end -----------------------------------------------------------------------------
-    def _finish(self, reason: str, steps: int) -> Iterator[Event]:
+    def _finish(self, reason: str, steps: int) -> Steps:
         """Ask the first worker for the answer and decode a few greedy tokens."""
         w = self.workers[0]
         mark = len(w.text)
@@ -268,7 +347,7 @@ class _Run:
         asked = len(w.text)
         answer = None
         for _ in range(self.config.answer_tokens):
-            token = self.backend.step([(w.view, w.feed)], [w.index], greedy=True)[0]
+            token = (yield Decode(((w.view, tuple(w.feed)),), (w.index,), greedy=True))[0]
             if token in self.p.codec.stop_ids:
                 break
             w.ids.append(token)

@@ -4,10 +4,11 @@
     for event in session.events(): ...
     result = session.result()      # drains what is left; answer, texts, transcript, timings
 
-Where the workers run is a parameter: ``backend_factory(lm, config) -> Backend`` drives the program
-in this process (default ``local_backend``: every worker on one ``HogwildEngine``), or a ``runner``
-(e.g. ``cluster.ray_session.RayRunner``) runs it elsewhere and streams its events back; then this
-process reads only the model's config and tokenizer, never its weights.
+Where the workers run is a parameter. By default the session is the one session of a
+``SessionHost`` on a ``HogwildEngine`` in this process (the same scheduler that runs many sessions
+at once); ``backend_factory(lm, config) -> Backend`` drives the program on another backend instead;
+a ``runner`` (e.g. ``cluster.ray_session.RayRunner``) runs it elsewhere and streams its events
+back, and then this process reads only the model's config and tokenizer, never its weights.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from cache_service.kv_store import PoolConfig
 from cache_service.planner import Mode
 from cluster.codec import codec_for
 from cluster.events import Event
+from cluster.host import SessionHost
 from cluster.protocol import Program, ProtocolConfig, check_problem
 from cluster.transcript import SessionResult, TranscriptBuilder
 from workers.backend import Backend, LocalBackend
@@ -53,7 +55,7 @@ Runner = Callable[[Program, SessionConfig], Iterator[Event]]
 
 
 def local_backend(lm: LoadedModel, config: SessionConfig) -> Backend:
-    """All workers on one engine in this process."""
+    """All workers on one engine in this process, driven directly (no host)."""
     engine = HogwildEngine(lm, mode=config.mode, pool=config.pool)
     return LocalBackend(engine, config.sampling, config.protocol.workers)
 
@@ -89,7 +91,7 @@ class Session:
         config: SessionConfig | None = None,
         *,
         lm: LoadedModel | None = None,
-        backend_factory: BackendFactory = local_backend,
+        backend_factory: BackendFactory | None = None,
         runner: Runner | None = None,
     ) -> None:
         self.config = config or SessionConfig()
@@ -121,8 +123,11 @@ class Session:
         self._builder.started_at = time.perf_counter()
         if self.runner is not None:
             events = self.runner(self.program, self.config)
-        else:
+        elif self.backend_factory is not None:
             events = self.program.run(self.backend_factory(self.lm, self.config))
+        else:
+            host = SessionHost(HogwildEngine(self.lm, pool=self.config.pool))
+            events = host.submit(self.program, self.config.sampling, self.config.mode).events()
         for event in events:
             self._builder.add(event, time.perf_counter())
             yield event

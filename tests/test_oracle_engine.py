@@ -88,8 +88,11 @@ def test_single_worker_matches_generate_sharp(family):
 
 
 # ---- oracle 3: randomised many-worker scenarios against the naive oracle ----------------------
-def run_scenario(lm, mode, seed, *, direct_min=DIRECT_MIN_TOKENS, long_prompt=False, steps=8, page_size=16):
-    """Seeded random scenario; every forward's all-token logits are compared with the oracle."""
+def run_scenario(lm, mode, seed, *, direct_min=DIRECT_MIN_TOKENS, long_prompt=False, steps=8, page_size=16,
+                 groups=1):
+    """Seeded random scenario; every forward's all-token logits are compared with the oracle.
+    ``groups`` > 1: as many unrelated groups of workers (blocks of their own, like sessions of a
+    host) step together in one forward, their rows group by group or (sometimes) interleaved."""
     rng = random.Random(seed)
     engine = HogwildEngine(lm, mode=mode, direct_min=direct_min, overlap_min=0,  # plans mark all it may read early
                            pool=PoolConfig(tokens=4096, page_size=page_size))
@@ -112,17 +115,19 @@ def run_scenario(lm, mode, seed, *, direct_min=DIRECT_MIN_TOKENS, long_prompt=Fa
         for b in oracle.blocks:
             assert engine.length(b) == oracle.length(b)
 
-    common = new_block()
-    check([(View.of(common), tokens(rng.randint(130, 150) if long_prompt else rng.randint(5, 12)))])
-    headers = [new_block() for _ in range(2)] if rng.random() < 0.7 else []
-    for h in headers:  # encoded on their own or after the prompt; keys land block-local either way
-        context = rng.choice([(), (common,)])
-        check([(View((*context, h), h), tokens(rng.randint(2, 6)))])
-    n = rng.randint(2, 4)
-    own = [new_block() for _ in range(n)]
+    def new_group():
+        common = new_block()
+        check([(View.of(common), tokens(rng.randint(130, 150) if long_prompt else rng.randint(5, 12)))])
+        headers = [new_block() for _ in range(2)] if rng.random() < 0.7 else []
+        for h in headers:  # encoded on their own or after the prompt; keys land block-local either way
+            context = rng.choice([(), (common,)])
+            check([(View((*context, h), h), tokens(rng.randint(2, 6)))])
+        own = [new_block() for _ in range(rng.randint(2, 4))]
+        return common, headers, own
 
-    def layout(w):
-        peers = [own[p] for p in range(n) if p != w]
+    def layout(group, w):
+        common, headers, own = group
+        peers = [own[p] for p in range(len(own)) if p != w]
         if rng.random() < 0.4:  # the paper's combined layout
             return View((common, *headers[:1], *peers, *headers[1:], own[w]), own[w])
         pool = [common, *headers, *peers]
@@ -130,17 +135,28 @@ def run_scenario(lm, mode, seed, *, direct_min=DIRECT_MIN_TOKENS, long_prompt=Fa
         blocks.insert(rng.randint(0, len(blocks)), own[w])  # own step anywhere
         return View(tuple(blocks), own[w])
 
-    views = [layout(w) for w in range(n)]
+    def layouts(group):
+        return [layout(group, w) for w in range(len(group[2]))]
+
+    all_groups = [new_group() for _ in range(groups)]
+    views = [layouts(g) for g in all_groups]
     for _ in range(steps):
         if rng.random() < 0.3:
-            views = [layout(w) for w in range(n)]
-        active = range(n) if rng.random() < 0.8 else sorted(rng.sample(range(n), rng.randint(1, n)))
-        check([(views[w], tokens(rng.randint(1, 4))) for w in active])
-        if rng.random() < 0.4:
-            w = rng.randrange(n)
-            if engine.length(own[w]):
-                engine.commit(own[w], common)
-                oracle.commit(own[w], common)
+            views = [layouts(g) for g in all_groups]
+        rows = []
+        for group_views in views:
+            n = len(group_views)
+            active = range(n) if rng.random() < 0.8 else sorted(rng.sample(range(n), rng.randint(1, n)))
+            rows += [(group_views[w], tokens(rng.randint(1, 4))) for w in active]
+        if groups > 1 and rng.random() < 0.3:  # a block's readers need not be neighbours
+            rng.shuffle(rows)
+        check(rows)
+        for common, _, own in all_groups:
+            if rng.random() < 0.4:
+                w = rng.randrange(len(own))
+                if engine.length(own[w]):
+                    engine.commit(own[w], common)
+                    oracle.commit(own[w], common)
     return engine
 
 
@@ -194,6 +210,21 @@ def test_rope_types_match_oracle(rope, mode, plan_spy):
     run_scenario(lm, mode, 7)
     run_scenario(lm, mode, 8, direct_min=8, long_prompt=True)
     assert_paths(plan_spy, long_direct=True)
+
+
+@pytest.mark.parametrize("mode", ["instant", "lagged"])
+def test_unrelated_groups_in_one_forward_match_oracle(mode, plan_spy):
+    """Two or three groups with blocks of their own step together: each direct chunk is scored by
+    its readers' rows only (contiguous or not), and everything still equals the oracle."""
+    lm = sharp_model("llama")
+    run_scenario(lm, mode, 200, groups=2, direct_min=8)
+    run_scenario(lm, mode, 201, groups=3, direct_min=8, long_prompt=True, page_size=3)
+    run_scenario(lm, mode, 202, groups=2)
+    assert_paths(plan_spy, long_direct=True)
+    partial = [c for p in plan_spy for c in p.direct if c.rows[1] - c.rows[0] < p.rows]
+    assert partial, "no direct chunk scored by part of the rows"
+    assert any(c.mask is not None and c.mask.view(c.rows[1] - c.rows[0], -1, c.length).isinf().all(-1).all(-1).any()
+               for c in partial), "no direct chunk with a row in between that does not read it"
 
 
 def test_oracle_comparison_has_teeth():

@@ -62,6 +62,7 @@ def test_planner_puts_unwritten_direct_chunks_first(tokens):
     plan = _plan(store, tokens)
     assert plan.stable == 1 and len(plan.direct) == 3  # the history, then the two step blocks
     assert plan.direct[0].length == 40
+    assert all(chunk.rows == (0, 2) for chunk in plan.direct)  # both workers read every block
     assert not _written(plan) & set(_stable_slots(plan))
     for chunk in plan.direct[plan.stable :]:
         assert _written(plan) & set(chunk.slots())

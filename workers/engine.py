@@ -80,11 +80,13 @@ class HogwildEngine:
         all_logits: bool = False,
         local: range | None = None,
         exchange: Exchange | None = None,
+        modes: Sequence[Mode | str] | None = None,
     ) -> torch.Tensor | list[torch.Tensor]:
         """Write each step's tokens into its target block, attending through its view.
 
         Returns next-token logits ``[rows, vocab]`` (float32) for the last token of each row, or with
-        ``all_logits`` a list of ``[tokens, vocab]`` per row.
+        ``all_logits`` a list of ``[tokens, vocab]`` per row. ``modes``: one per row (rows of several
+        sessions), else the engine's mode for all.
 
         Multi-device use: ``local`` are the rows computed here (logits are returned for them only);
         with ``exchange`` every layer receives all rows' new entries from it and stores them all
@@ -97,7 +99,8 @@ class HogwildEngine:
         local = range(len(rows)) if local is None else local
         self.store.reserve_many({row.view.target: row.tokens for row in rows})
         try:
-            planned = plan_step(self.store, rows, self.mode, self.lm.rope, group=self.group,
+            mode = self.mode if modes is None else [Mode.parse(m) for m in modes]
+            planned = plan_step(self.store, rows, mode, self.lm.rope, group=self.group,
                                 direct_min=self.direct_min, local=local, overlap_min=self.overlap_min,
                                 write_remote=exchange is not None or len(local) == len(rows))
             self._check_context(planned.view_length)

@@ -1,0 +1,367 @@
+"""Many sessions on one engine (DESIGN.md §7): a session host with continuous batching.
+
+    host = SessionHost(engine)                        # owns the engine for its lifetime
+    handle = host.submit(program, sampling, "instant") # admitted when its worst case fits the pool
+    for event in handle.events(): ...                 # streams as it happens
+    handle.result()                                   # or handle.cancel()
+
+Each round (``step``): admit waiting sessions whose worst case (``Program.worst_case_pages``) fits
+in the part of the KV pool no admitted session may claim, in submission order; write up to
+``prefill_chunk`` prompt tokens of the sessions still being prefilled; then ONE forward over the
+rows of every session waiting for a decode step, each session's rows in its own mode and sampled
+with its own parameters and per-worker generators. Programs are sans-IO generators
+(``cluster.protocol``): the host hands each its tokens and forwards its events to its handle. A
+session's blocks are freed the moment it ends, fails or is cancelled.
+
+``start()`` runs rounds on a background thread: submit, iterate (also ``async for``) and cancel
+from any thread or event loop. Without it, iterating a handle runs rounds inline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from cache_service.errors import ConfigError, HogwildError
+from cache_service.planner import Mode
+from cluster.events import Event
+from cluster.protocol import Decode, Prefill, Program, Request, Steps
+from cluster.transcript import SessionResult, TranscriptBuilder
+from workers.backend import sample_rows
+from workers.engine import HogwildEngine
+from workers.sampling import SamplingParams, worker_generator
+
+PREFILL_CHUNK = 256  # prompt tokens written per round, between decode steps
+MAX_WAITING = 256
+
+
+class HostBusyError(HogwildError):
+    """The host's queue of waiting sessions is full; retry later."""
+
+
+class SessionCancelled(HogwildError):
+    """The session was cancelled before it finished."""
+
+
+_END = object()  # closes a handle's event queue
+
+
+class SessionHandle:
+    """One submitted session: its events as they happen, its result, cancellation."""
+
+    def __init__(self, host: SessionHost, session_id: int, program: Program) -> None:
+        self.host, self.id, self.program = host, session_id, program
+        self.builder = TranscriptBuilder(program.problem, time.perf_counter())
+        self._queue: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self.done = threading.Event()
+
+    def events(self) -> Iterator[Event]:
+        """Events until the session ends; raises what ended it abnormally (an error, a cancel)."""
+        while True:
+            item = self._next()
+            if item is _END:
+                if self._error is not None:
+                    raise self._error
+                return
+            yield item
+
+    async def aevents(self) -> AsyncIterator[Event]:
+        """``events`` for asyncio (needs the host's thread: ``host.start()``)."""
+        while True:
+            item = await asyncio.to_thread(self._queue.get)
+            if item is _END:
+                if self._error is not None:
+                    raise self._error
+                return
+            yield item
+
+    def poll(self) -> list[Event]:
+        """The events that arrived since the last call, without waiting or running rounds."""
+        out = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return out
+            if item is _END:
+                self._queue.put(_END)  # keep the end for events()/result()
+                return out
+            out.append(item)
+
+    def result(self) -> SessionResult:
+        """Wait for the end; the session's result (raises what ended it abnormally)."""
+        for _ in self.events():
+            pass
+        return self.builder.result()
+
+    def cancel(self) -> None:
+        """Stop the session (at the next round); its blocks are freed, its events end with ``SessionCancelled``."""
+        self.host.cancel(self)
+
+    def _next(self):
+        while self.host.inline and self._queue.empty():
+            self.host.step()
+        return self._queue.get()
+
+    # ---- called by the host ------------------------------------------------------------------
+    def _emit(self, event: Event) -> None:
+        self.builder.add(event, time.perf_counter())
+        self._queue.put(event)
+
+    def _end(self, error: BaseException | None = None) -> None:
+        self._error = error
+        self.done.set()
+        self._queue.put(_END)
+
+
+class _Blocks:
+    """A session's view of the engine's block bookkeeping; remembers its blocks to free them."""
+
+    def __init__(self, engine: HogwildEngine) -> None:
+        self.engine, self.owned = engine, []
+
+    def new_block(self, reserve: int = 0) -> int:
+        block = self.engine.new_block(reserve)
+        self.owned.append(block)
+        return block
+
+    def length(self, block: int) -> int:
+        return self.engine.length(block)
+
+    def commit(self, step_block: int, into: int) -> None:
+        self.engine.commit(step_block, into)
+
+    def free(self) -> None:
+        for block in self.owned:
+            self.engine.free(block)
+        self.owned = []
+
+
+@dataclass(eq=False)
+class _Live:
+    """An admitted session: its program, blocks, sampling state and pending request."""
+
+    handle: SessionHandle
+    steps: Steps
+    blocks: _Blocks
+    params: SamplingParams
+    mode: Mode
+    pages: int
+    generators: list[torch.Generator] = field(default_factory=list)
+    pending: Request | None = None
+    written: int = 0  # tokens of a pending Prefill already written
+
+
+@dataclass(eq=False)
+class _Waiting:
+    handle: SessionHandle
+    params: SamplingParams
+    mode: Mode
+    pages: int
+
+
+class SessionHost:
+    """Runs any number of sessions on one engine (see the module docstring)."""
+
+    def __init__(self, engine: HogwildEngine, *, prefill_chunk: int = PREFILL_CHUNK,
+                 max_waiting: int = MAX_WAITING) -> None:
+        if prefill_chunk < 1 or max_waiting < 0:
+            raise ConfigError(f"prefill_chunk must be >= 1 and max_waiting >= 0, got {prefill_chunk}, {max_waiting}")
+        self.engine = engine
+        self.prefill_chunk, self.max_waiting = prefill_chunk, max_waiting
+        self.live: list[_Live] = []
+        self.waiting: deque[_Waiting] = deque()
+        self.claimed = 0  # pool pages the live sessions may hold at worst
+        self._ids = itertools.count()
+        self._round = threading.Lock()  # one round at a time (inline handles on several threads)
+        self._lock = threading.Lock()  # guards the inbox (submissions, cancellations)
+        self._wake = threading.Condition(self._lock)
+        self._inbox: list[_Waiting] = []
+        self._cancels: list[SessionHandle] = []
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    # ---- any thread --------------------------------------------------------------------------
+    def submit(self, program: Program, sampling: SamplingParams | None = None,
+               mode: Mode | str = Mode.INSTANT) -> SessionHandle:
+        """Queue a session; ``HostBusyError`` when the queue is full, ``ConfigError`` when its worst
+        case can never fit this host's pool."""
+        pages = program.worst_case_pages(self.engine.store.page_size)
+        if pages > self.engine.store.pages:
+            raise ConfigError(
+                f"this session may need {pages} KV pages of {self.engine.store.page_size} tokens, the pool has "
+                f"{self.engine.store.pages}; lower max_steps or workers, or give the engine a larger pool"
+            )
+        with self._wake:
+            if self._closed:
+                raise HogwildError("the session host is closed; start a new one")
+            if len(self.waiting) + len(self._inbox) >= self.max_waiting:
+                raise HostBusyError(f"the host has {self.max_waiting} sessions waiting already; retry later")
+            handle = SessionHandle(self, next(self._ids), program)
+            self._inbox.append(_Waiting(handle, sampling or SamplingParams(), Mode.parse(mode), pages))
+            self._wake.notify()
+        return handle
+
+    def cancel(self, handle: SessionHandle) -> None:
+        with self._wake:
+            self._cancels.append(handle)
+            self._wake.notify()
+
+    @property
+    def inline(self) -> bool:
+        """Whether handles run rounds themselves (no background thread)."""
+        return self._thread is None
+
+    def start(self) -> SessionHost:
+        """Run rounds on a background thread until ``close``."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name="hogwild-host", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the thread; sessions still running or waiting end with ``SessionCancelled``."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self._thread = None
+        self._take_inbox()
+        for entry in [*self.live, *self.waiting]:
+            self._drop(entry, SessionCancelled("the session host was closed"))
+        self.waiting.clear()
+
+    def __enter__(self) -> SessionHost:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- the rounds (one thread) -------------------------------------------------------------
+    def step(self) -> bool:
+        """One round; False when there was nothing to do."""
+        with self._round:
+            self._take_inbox()
+            self._admit()
+            busy = self._prefill()
+            return self._decode() or busy
+
+    def _serve(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closed and not (self._inbox or self._cancels or self.live):
+                    self._wake.wait()
+                if self._closed:
+                    return
+            self.step()
+
+    def _take_inbox(self) -> None:
+        with self._lock:
+            arrived, cancels = self._inbox, self._cancels
+            self._inbox, self._cancels = [], []
+        self.waiting.extend(arrived)
+        for handle in cancels:
+            for entry in [e for e in [*self.live, *self.waiting] if e.handle is handle]:
+                self._drop(entry, SessionCancelled(f"session {handle.id} was cancelled"))
+
+    def _admit(self) -> None:
+        """Admit waiting sessions in order while their worst case fits what no live session claims."""
+        while self.waiting and self.claimed + self.waiting[0].pages <= self.engine.store.pages:
+            w = self.waiting.popleft()
+            self.claimed += w.pages
+            workers = w.handle.program.config.workers
+            blocks = _Blocks(self.engine)
+            live = _Live(w.handle, w.handle.program.start(blocks), blocks, w.params, w.mode, w.pages,
+                         [worker_generator(w.params, i) for i in range(workers)])
+            self.live.append(live)
+            self._advance(live, None)
+
+    def _prefill(self) -> bool:
+        """Write up to ``prefill_chunk`` tokens of pending prompts, oldest session first."""
+        budget = self.prefill_chunk
+        for live in [s for s in self.live if isinstance(s.pending, Prefill)]:
+            while budget and isinstance(live.pending, Prefill):
+                request = live.pending
+                n = min(budget, len(request.tokens) - live.written)
+                chunk = request.tokens[live.written : live.written + n]
+                if not self._guard([live], lambda: self.engine.prefill(request.block, chunk, request.context)):
+                    break
+                live.written += n
+                budget -= n
+                if live.written == len(request.tokens):
+                    live.written = 0
+                    self._advance(live, None)
+        return budget < self.prefill_chunk
+
+    def _decode(self) -> bool:
+        """One forward over every row of every session waiting for a decode step."""
+        batch = [s for s in self.live if isinstance(s.pending, Decode)]
+        if not batch:
+            return False
+        rows = [row for s in batch for row in s.pending.rows]
+        modes = [s.mode for s in batch for _ in s.pending.rows]
+        logits: list[torch.Tensor] = []
+        if not self._guard(batch, lambda: logits.append(self.engine.forward(rows, modes=modes))):
+            return True
+        at = 0
+        for live in batch:
+            request, n = live.pending, len(live.pending.rows)
+            generators = [live.generators[w] for w in request.workers]
+            tokens = sample_rows(logits[0][at : at + n], live.params, generators, request.greedy, request.suppress)
+            at += n
+            self._advance(live, tokens)
+        return True
+
+    def _advance(self, live: _Live, reply: Sequence[int] | None) -> None:
+        """Hand ``reply`` to the program and run it to its next request (or its end)."""
+        try:
+            item = live.steps.send(reply)
+            while not isinstance(item, (Prefill, Decode)):
+                live.handle._emit(item)
+                item = live.steps.send(None)
+            live.pending = item
+        except StopIteration:
+            self._drop(live, None)
+        except HogwildError as err:
+            self._drop(live, err)
+
+    def _guard(self, sessions: list[_Live], call) -> bool:
+        """Run an engine call for ``sessions``; if it raises, those sessions end with the error."""
+        try:
+            call()
+            return True
+        except Exception as err:  # noqa: BLE001 - a failed forward ends its sessions, not the host
+            for live in sessions:
+                self._drop(live, err)
+            return False
+
+    def _drop(self, entry: _Live | _Waiting, error: BaseException | None) -> None:
+        """End a session: free its blocks and claim, close its handle."""
+        if isinstance(entry, _Live):
+            if entry not in self.live:
+                return
+            self.live.remove(entry)
+            entry.blocks.free()
+            entry.steps.close()
+            self.claimed -= entry.pages
+        elif entry in self.waiting:
+            self.waiting.remove(entry)
+        if not entry.handle.done.is_set():
+            entry.handle._end(error)
+
+    # ---- statistics --------------------------------------------------------------------------
+    def stats(self) -> dict:
+        store = self.engine.store
+        return {"live": len(self.live), "waiting": len(self.waiting), "claimed_pages": self.claimed,
+                "used_pages": store.used_pages, "pages": store.pages, "page_size": store.page_size}
+
