@@ -121,7 +121,7 @@ def _runner(args: argparse.Namespace):
         raise ConfigError(f"--actors must be >= 0, got {args.actors}")
     if not args.actors:
         return None
-    from cluster.ray_session import RayRunner
+    from cluster.gang import RayRunner
 
     return RayRunner(args.actors, strategy=args.placement.upper(), address=args.ray_address)
 

@@ -35,7 +35,7 @@ from cache_service.planner import Mode
 from cluster.events import Event
 from cluster.protocol import Decode, Prefill, Program, Request, Steps
 from cluster.transcript import SessionResult, TranscriptBuilder
-from workers.backend import sample_rows
+from workers.backend import DecodeGroup, LocalBackend, Replica
 from workers.engine import HogwildEngine
 from workers.sampling import SamplingParams, worker_generator
 
@@ -169,18 +169,18 @@ class _Waiting:
     pages: int
 
 
-class SessionHost:
-    """Runs any number of sessions on one engine (see the module docstring)."""
+class RoundHost:
+    """Submissions, cancellations and a thread that runs rounds: what every host shares.
+    Subclasses define ``pool_pages``/``page_size`` (for the worst-case check), ``step`` (one round)
+    and ``_end_all`` (end every session when closing)."""
 
-    def __init__(self, engine: HogwildEngine, *, prefill_chunk: int = PREFILL_CHUNK,
-                 max_waiting: int = MAX_WAITING) -> None:
-        if prefill_chunk < 1 or max_waiting < 0:
-            raise ConfigError(f"prefill_chunk must be >= 1 and max_waiting >= 0, got {prefill_chunk}, {max_waiting}")
-        self.engine = engine
-        self.prefill_chunk, self.max_waiting = prefill_chunk, max_waiting
-        self.live: list[_Live] = []
-        self.waiting: deque[_Waiting] = deque()
-        self.claimed = 0  # pool pages the live sessions may hold at worst
+    pool_pages: int
+    page_size: int
+
+    def __init__(self, max_waiting: int) -> None:
+        if max_waiting < 0:
+            raise ConfigError(f"max_waiting must be >= 0, got {max_waiting}")
+        self.max_waiting = max_waiting
         self._ids = itertools.count()
         self._round = threading.Lock()  # one round at a time (inline handles on several threads)
         self._lock = threading.Lock()  # guards the inbox (submissions, cancellations)
@@ -190,21 +190,20 @@ class SessionHost:
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    # ---- any thread --------------------------------------------------------------------------
     def submit(self, program: Program, sampling: SamplingParams | None = None,
                mode: Mode | str = Mode.INSTANT) -> SessionHandle:
-        """Queue a session; ``HostBusyError`` when the queue is full, ``ConfigError`` when its worst
-        case can never fit this host's pool."""
-        pages = program.worst_case_pages(self.engine.store.page_size)
-        if pages > self.engine.store.pages:
+        """Queue a session; ``HostBusyError`` when too many wait, ``ConfigError`` when its worst
+        case can never fit this host's KV pool."""
+        pages = program.worst_case_pages(self.page_size)
+        if pages > self.pool_pages:
             raise ConfigError(
-                f"this session may need {pages} KV pages of {self.engine.store.page_size} tokens, the pool has "
-                f"{self.engine.store.pages}; lower max_steps or workers, or give the engine a larger pool"
+                f"this session may need {pages} KV pages of {self.page_size} tokens, the pool has "
+                f"{self.pool_pages}; lower max_steps or workers, or give the engine a larger pool"
             )
         with self._wake:
             if self._closed:
                 raise HogwildError("the session host is closed; start a new one")
-            if len(self.waiting) + len(self._inbox) >= self.max_waiting:
+            if self._waiting_count() + len(self._inbox) >= self.max_waiting:
                 raise HostBusyError(f"the host has {self.max_waiting} sessions waiting already; retry later")
             handle = SessionHandle(self, next(self._ids), program)
             self._inbox.append(_Waiting(handle, sampling or SamplingParams(), Mode.parse(mode), pages))
@@ -221,7 +220,7 @@ class SessionHost:
         """Whether handles run rounds themselves (no background thread)."""
         return self._thread is None
 
-    def start(self) -> SessionHost:
+    def start(self) -> RoundHost:
         """Run rounds on a background thread until ``close``."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._serve, name="hogwild-host", daemon=True)
@@ -236,47 +235,90 @@ class SessionHost:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
         self._thread = None
-        self._take_inbox()
-        for entry in [*self.live, *self.waiting]:
-            self._drop(entry, SessionCancelled("the session host was closed"))
-        self.waiting.clear()
+        with self._round:
+            self._end_all(SessionCancelled("the session host was closed"))
 
-    def __enter__(self) -> SessionHost:
+    def __enter__(self) -> RoundHost:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ---- the rounds (one thread) -------------------------------------------------------------
     def step(self) -> bool:
-        """One round; False when there was nothing to do."""
-        with self._round:
-            self._take_inbox()
-            self._admit()
-            busy = self._prefill()
-            return self._decode() or busy
+        raise NotImplementedError
+
+    def _end_all(self, error: BaseException) -> None:
+        raise NotImplementedError
+
+    def _waiting_count(self) -> int:
+        return 0
+
+    def _busy(self) -> bool:
+        """Whether a round has work without anything new arriving."""
+        return False
 
     def _serve(self) -> None:
         while True:
             with self._wake:
-                while not self._closed and not (self._inbox or self._cancels or self.live):
+                while not self._closed and not (self._inbox or self._cancels or self._busy()):
                     self._wake.wait()
                 if self._closed:
                     return
             self.step()
 
-    def _take_inbox(self) -> None:
+    def _take_inbox(self) -> tuple[list[_Waiting], list[SessionHandle]]:
         with self._lock:
             arrived, cancels = self._inbox, self._cancels
             self._inbox, self._cancels = [], []
-        self.waiting.extend(arrived)
-        for handle in cancels:
-            for entry in [e for e in [*self.live, *self.waiting] if e.handle is handle]:
-                self._drop(entry, SessionCancelled(f"session {handle.id} was cancelled"))
+        return arrived, cancels
+
+
+class SessionHost(RoundHost):
+    """Runs any number of sessions on one engine, or one replica of a gang (module docstring)."""
+
+    def __init__(self, replica: HogwildEngine | Replica, *, prefill_chunk: int = PREFILL_CHUNK,
+                 max_waiting: int = MAX_WAITING) -> None:
+        super().__init__(max_waiting)
+        if prefill_chunk < 1:
+            raise ConfigError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.replica = LocalBackend(replica) if isinstance(replica, HogwildEngine) else replica
+        self.engine = self.replica.engine
+        self.pool_pages, self.page_size = self.engine.store.pages, self.engine.store.page_size
+        self.prefill_chunk = prefill_chunk
+        self.live: list[_Live] = []
+        self.waiting: deque[_Waiting] = deque()
+        self.claimed = 0  # pool pages the live sessions may hold at worst
+
+    def step(self) -> bool:
+        """One round; False when there was nothing to do."""
+        with self._round:
+            arrived, cancels = self._take_inbox()
+            self.waiting.extend(arrived)
+            for handle in cancels:
+                self._cancel(handle)
+            self._admit()
+            busy = self._prefill()
+            return self._decode() or busy
+
+    def _busy(self) -> bool:
+        return bool(self.live)
+
+    def _waiting_count(self) -> int:
+        return len(self.waiting)
+
+    def _cancel(self, handle: SessionHandle) -> None:
+        for entry in [e for e in [*self.live, *self.waiting] if e.handle is handle]:
+            self._drop(entry, SessionCancelled(f"session {handle.id} was cancelled"))
+
+    def _end_all(self, error: BaseException) -> None:
+        arrived, _ = self._take_inbox()
+        for entry in [*self.live, *self.waiting, *arrived]:
+            self._drop(entry, error)
+        self.waiting.clear()
 
     def _admit(self) -> None:
         """Admit waiting sessions in order while their worst case fits what no live session claims."""
-        while self.waiting and self.claimed + self.waiting[0].pages <= self.engine.store.pages:
+        while self.waiting and self.claimed + self.waiting[0].pages <= self.pool_pages:
             w = self.waiting.popleft()
             self.claimed += w.pages
             workers = w.handle.program.config.workers
@@ -294,7 +336,7 @@ class SessionHost:
                 request = live.pending
                 n = min(budget, len(request.tokens) - live.written)
                 chunk = request.tokens[live.written : live.written + n]
-                if not self._guard([live], lambda: self.engine.prefill(request.block, chunk, request.context)):
+                if not self._guard([live], lambda: self.replica.prefill(request.block, chunk, request.context)):
                     break
                 live.written += n
                 budget -= n
@@ -308,18 +350,13 @@ class SessionHost:
         batch = [s for s in self.live if isinstance(s.pending, Decode)]
         if not batch:
             return False
-        rows = [row for s in batch for row in s.pending.rows]
-        modes = [s.mode for s in batch for _ in s.pending.rows]
-        logits: list[torch.Tensor] = []
-        if not self._guard(batch, lambda: logits.append(self.engine.forward(rows, modes=modes))):
-            return True
-        at = 0
-        for live in batch:
-            request, n = live.pending, len(live.pending.rows)
-            generators = [live.generators[w] for w in request.workers]
-            tokens = sample_rows(logits[0][at : at + n], live.params, generators, request.greedy, request.suppress)
-            at += n
-            self._advance(live, tokens)
+        groups = [DecodeGroup(s.pending.rows, s.pending.workers, s.mode, s.params,
+                              [s.generators[w] for w in s.pending.workers], s.pending.greedy, s.pending.suppress)
+                  for s in batch]
+        tokens: list[list[list[int]]] = []
+        if self._guard(batch, lambda: tokens.append(self.replica.decode(groups))):
+            for live, sampled in zip(batch, tokens[0]):
+                self._advance(live, sampled)
         return True
 
     def _advance(self, live: _Live, reply: Sequence[int] | None) -> None:
@@ -336,7 +373,7 @@ class SessionHost:
             self._drop(live, err)
 
     def _guard(self, sessions: list[_Live], call) -> bool:
-        """Run an engine call for ``sessions``; if it raises, those sessions end with the error."""
+        """Run a replica call for ``sessions``; if it raises, those sessions end with the error."""
         try:
             call()
             return True

@@ -10,7 +10,7 @@ multi-node. Resources are checked before anything starts, start-up waits have ti
 time out after ``collective_timeout_s``, and a failure (an actor that dies, ranks that cannot meet,
 an error raised in an actor) ends the session with an error naming the actor, after every actor and
 the placement group are removed.
-``RayRunner`` plugs a Ray session into ``cluster.session.Session``.
+``cluster.gang`` runs many sessions on one long-lived set of these actors.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cache_service.errors import ConfigError, HogwildError
 from cache_service.service import CacheService
 from cache_service.snapshot import read_file, write_file
-from workers.actor import EngineSpec, ModelSpec, Program, WorkerActor
+from workers.actor import EngineSpec, Program, WorkerActor
 from workers.distributed import Placement
 from workers.exchange import RendezvousError
 
@@ -142,8 +142,10 @@ def check_resources(wanted: list[dict[str, float]]) -> None:
 class RaySession:
     """Actors of one session; use as a context manager (``close`` tears everything down)."""
 
-    def __init__(self, config: RayConfig, spec: EngineSpec, *, snapshot: str | Path | None = None) -> None:
+    def __init__(self, config: RayConfig, spec: EngineSpec, *, snapshot: str | Path | None = None,
+                 actor_class: type = WorkerActor) -> None:
         self.config, self.spec, self.snapshot = config, spec, snapshot
+        self.actor_class = actor_class
         self.actors: list[Any] = []
         self.service: Any = None
         self.identities: list[dict] = []
@@ -190,7 +192,7 @@ class RaySession:
             num_cpus=SERVICE_CPUS, scheduling_strategy=self._bundle(self.config.actors))
         self.service = service_cls.remote()
         resources = {"num_gpus": 1, "num_cpus": 0} if device == "cuda" else {"num_cpus": self.config.cpus_per_actor}
-        worker_cls = ray.remote(WorkerActor)
+        worker_cls = ray.remote(self.actor_class)
         for rank in range(self.config.actors):
             placement = Placement(self.config.workers_per_actor, rank)
             actor = worker_cls.options(max_restarts=0, scheduling_strategy=self._bundle(rank), **resources)
@@ -407,22 +409,3 @@ def run_program(program: Program, spec: EngineSpec, config: RayConfig) -> Iterat
     """Start a session, stream the program's events, tear down (also when the caller stops early)."""
     with RaySession(config, spec) as session:
         yield from session.events(program)
-
-
-class RayRunner:
-    """What ``Session`` calls to run its program on Ray: ``runner(program, session_config)``.
-
-    ``actors``: how many worker actors share the session's workers (see ``RayConfig.split``);
-    ``options``: further ``RayConfig`` fields (strategy, device, address, timeouts ...).
-    """
-
-    def __init__(self, actors: int, **options: Any) -> None:
-        if actors < 1:
-            raise ConfigError(f"--actors must be >= 1, got {actors}")
-        self.actors, self.options = actors, options
-
-    def __call__(self, program: Program, config: Any) -> Iterator[Any]:
-        ray_config = RayConfig.split(config.protocol.workers, self.actors, **self.options)
-        # "default" stays a name: every node resolves (and if needed pulls) its own copy
-        spec = EngineSpec(ModelSpec(config.model), mode=config.mode, sampling=config.sampling, pool=config.pool)
-        return run_program(program, spec, ray_config)

@@ -7,7 +7,7 @@
 Where the workers run is a parameter. By default the session is the one session of a
 ``SessionHost`` on a ``HogwildEngine`` in this process (the same scheduler that runs many sessions
 at once); ``backend_factory(lm, config) -> Backend`` drives the program on another backend instead;
-a ``runner`` (e.g. ``cluster.ray_session.RayRunner``) runs it elsewhere and streams its events
+a ``runner`` (e.g. ``cluster.gang.RayRunner``) runs it elsewhere and streams its events
 back, and then this process reads only the model's config and tokenizer, never its weights.
 """
 

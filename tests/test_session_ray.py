@@ -10,7 +10,7 @@ import pytest
 import ray
 
 from cluster.protocol import ProtocolConfig
-from cluster.ray_session import RayRunner
+from cluster.gang import RayRunner
 from cluster.session import Session, SessionConfig
 from workers.sampling import SamplingParams
 

@@ -221,6 +221,10 @@ class WorkerActor:
         if chunk:
             yield chunk
 
+    def pool_pages(self) -> tuple[int, int]:
+        """The KV pool's pages and page size (the same on every rank)."""
+        return self.engine.store.pages, self.engine.store.page_size
+
     # ---- snapshots and statistics ------------------------------------------------------------
     def live_state(self) -> dict:
         """For a snapshot (rank 0): ``live`` blocks (those the service does not mirror), every

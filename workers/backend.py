@@ -8,13 +8,40 @@ every worker actor of a distributed session (whose backend exchanges K/V and all
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from cache_service.layout import View
+from cache_service.planner import Mode
 from workers.engine import HogwildEngine
 from workers.sampling import SamplingParams, sample, worker_generator
+
+
+@dataclass(frozen=True)
+class DecodeGroup:
+    """One session's rows of a batched decode step: row i is the session's worker ``workers[i]``,
+    sampled from ``generators[i]`` with the session's parameters (greedy when asked, never one of
+    ``suppress``); the rows see their peers' entries of this step as ``mode`` says."""
+
+    rows: Sequence[tuple[View, Sequence[int]]]
+    workers: Sequence[int]
+    mode: Mode
+    params: SamplingParams
+    generators: Sequence[torch.Generator]
+    greedy: bool = False
+    suppress: Sequence[int] = ()
+
+
+class Replica(Protocol):
+    """What a session host runs rounds on: an engine (block bookkeeping), prefill, batched decode."""
+
+    engine: HogwildEngine
+
+    def prefill(self, block: int, tokens: Sequence[int], context: Sequence[int] = ()) -> None: ...
+
+    def decode(self, groups: Sequence[DecodeGroup]) -> list[list[int]]: ...
 
 
 class Backend(Protocol):
@@ -39,12 +66,12 @@ class Backend(Protocol):
 
 
 class LocalBackend:
-    """All workers on one engine (one device)."""
+    """All workers on one engine (one device); also a ``Replica`` for a host of many sessions."""
 
-    def __init__(self, engine: HogwildEngine, params: SamplingParams, n_workers: int) -> None:
+    def __init__(self, engine: HogwildEngine, params: SamplingParams | None = None, n_workers: int = 0) -> None:
         self.engine = engine
-        self.params = params
-        self.generators = [worker_generator(params, w) for w in range(n_workers)]
+        self.params = params or SamplingParams()
+        self.generators = [worker_generator(self.params, w) for w in range(n_workers)]
 
     def new_block(self, reserve: int = 0) -> int:
         return self.engine.new_block(reserve)
@@ -63,11 +90,28 @@ class LocalBackend:
         greedy: bool = False,
         suppress: Sequence[int] = (),
     ) -> list[int]:
-        logits = self.engine.forward(rows)
-        return sample_rows(logits, self.params, [self.generators[w] for w in workers], greedy, suppress)
+        group = DecodeGroup(rows, workers, self.engine.mode, self.params, [self.generators[w] for w in workers],
+                            greedy, suppress)
+        return self.decode([group])[0]
+
+    def decode(self, groups: Sequence[DecodeGroup]) -> list[list[int]]:
+        """One forward over every group's rows; each group sampled on its own."""
+        rows = [row for g in groups for row in g.rows]
+        logits = self.engine.forward(rows, modes=[g.mode for g in groups for _ in g.rows])
+        return sample_groups(logits, groups)
 
     def commit(self, step_block: int, into: int) -> None:
         self.engine.commit(step_block, into)
+
+
+def sample_groups(logits: torch.Tensor, groups: Sequence[DecodeGroup]) -> list[list[int]]:
+    """Tokens per group from the logits of all their rows, in order."""
+    out, at = [], 0
+    for g in groups:
+        n = len(g.rows)
+        out.append(sample_rows(logits[at : at + n], g.params, list(g.generators), g.greedy, g.suppress))
+        at += n
+    return out
 
 
 def sample_rows(

@@ -17,6 +17,7 @@ CacheService, off the critical path).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -27,7 +28,7 @@ from cache_service.errors import ConfigError
 from cache_service.layout import View
 from cache_service.planner import Mode
 from cache_service.service import Committed, Record, Wrote
-from workers.backend import sample_rows
+from workers.backend import DecodeGroup, sample_rows
 from workers.engine import HogwildEngine
 from workers.exchange import Collective
 from workers.sampling import SamplingParams, worker_generator
@@ -84,11 +85,15 @@ class StepOrder:
 
     @classmethod
     def of(cls, workers: Sequence[int], placement: Placement) -> "StepOrder":
-        owners = [placement.owner(w) for w in workers]
-        order = tuple(sorted(range(len(workers)), key=lambda i: owners[i]))
-        counts = tuple(owners.count(r) for r in range(placement.world))
-        start = sum(counts[: placement.rank])
-        return cls(order, counts, range(start, start + counts[placement.rank]))
+        return cls.by_rank([placement.owner(w) for w in workers], placement.rank, placement.world)
+
+    @classmethod
+    def by_rank(cls, owners: Sequence[int], rank: int, world: int) -> "StepOrder":
+        """Rows owned by ``owners[i]``, stably sorted by rank (a rank's rows keep their order)."""
+        order = tuple(sorted(range(len(owners)), key=lambda i: owners[i]))
+        counts = tuple(list(owners).count(r) for r in range(world))
+        start = sum(counts[:rank])
+        return cls(order, counts, range(start, start + counts[rank]))
 
     def arrange(self, items: Sequence) -> list:
         """Caller order -> global order."""
@@ -157,6 +162,31 @@ class DistributedBackend:
             self.mirrored.discard(step_block)
             self.recorder.record(Committed(step_block, into, entries))
 
+    # ---- many sessions (a session host on every actor of a gang) -------------------------------
+    def decode(self, groups: Sequence[DecodeGroup]) -> list[list[int]]:
+        """One step of every group's rows (``Replica.decode``): a session's worker w runs on rank
+        ``w % world``; rows are computed and sampled where they run, every layer exchanges every
+        row's entries (a lagged row just does not read its peers' until the next step), and the
+        tokens are all-gathered, so every actor returns every group's tokens."""
+        rows = [row for g in groups for row in g.rows]
+        order = StepOrder.by_rank([w % self.placement.world for g in groups for w in g.workers],
+                                  self.placement.rank, self.placement.world)
+        modes = order.arrange([g.mode for g in groups for _ in g.rows])
+        logits = self._forward(order.arrange(rows), order, modes=modes)
+        samplers = order.arrange([(g, k) for g in groups for k in range(len(g.rows))])[order.local.start : order.local.stop]
+        local = []
+        for _, run in itertools.groupby(samplers, key=lambda item: id(item[0])):
+            run = list(run)
+            g, first = run[0][0], len(local)
+            gens = [g.generators[k] for _, k in run]
+            local += sample_rows(logits[first : first + len(run)], g.params, gens, g.greedy, g.suppress)
+        tokens = order.restore(self.collective.gather_tokens(local, order.counts))
+        out, at = [], 0
+        for g in groups:
+            out.append(tokens[at : at + len(g.rows)])
+            at += len(g.rows)
+        return out
+
     # ---- teacher forcing (tests, benchmarks) -------------------------------------------------
     def forward(self, rows: Rows, workers: Sequence[int], *, all_logits: bool = False) -> dict[int, torch.Tensor]:
         """Write the rows' tokens; the logits of this actor's rows, by worker (last token, or all)."""
@@ -166,27 +196,31 @@ class DistributedBackend:
         return {w: logits[i] for i, w in enumerate(mine)}
 
     # ---- one step ----------------------------------------------------------------------------
-    def _forward(self, rows: Rows, order: StepOrder,
-                 all_logits: bool = False) -> torch.Tensor | list[torch.Tensor] | None:
-        """Run a step of rows in global order; logits of the local rows (None when there are none)."""
+    def _forward(self, rows: Rows, order: StepOrder, all_logits: bool = False,
+                 modes: Sequence[Mode] | None = None) -> torch.Tensor | list[torch.Tensor] | None:
+        """Run a step of rows in global order; logits of the local rows (None when there are none).
+        With ``modes`` (one per row) every layer exchanges every row's entries."""
         before = {view.target: self.engine.length(view.target) for view, _ in rows}
-        computes, lagged = len(order.local) > 0, self.engine.mode is Mode.LAGGED
+        computes = len(order.local) > 0
+        lagged = modes is None and self.engine.mode is Mode.LAGGED
         solo = self.placement.world == 1
         logits = None
         if computes:
             exchange = None if solo or lagged else self.collective.instant_exchange(order.counts)
-            logits = self.engine.forward(rows, all_logits=all_logits, local=order.local, exchange=exchange)
+            logits = self.engine.forward(rows, all_logits=all_logits, local=order.local, exchange=exchange,
+                                         modes=modes)
         if not solo and (lagged or not computes):
-            self._receive_peers(rows, order, before, advanced=computes)
+            self._receive_peers(rows, order, before, advanced=computes, lagged=lagged)
         for view, tokens in rows:
             self._wrote(view.target, tokens, None, mirror=False)
         return logits
 
-    def _receive_peers(self, rows: Rows, order: StepOrder, before: dict[int, int], advanced: bool) -> None:
+    def _receive_peers(self, rows: Rows, order: StepOrder, before: dict[int, int], advanced: bool,
+                       lagged: bool) -> None:
         """Store the other actors' new entries: one gather after a lagged step, or the per-layer
         gathers an idle actor joins during an instant step (it has no rows to compute)."""
         width = max(len(tokens) for _, tokens in rows)
-        if self.engine.mode is Mode.LAGGED:
+        if lagged:
             gathered = self.collective.gather_rows(self._local_entries(rows, order, before, width), order.counts)
         else:
             gathered = self._join_instant_layers(len(order.local), width, order.counts)

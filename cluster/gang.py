@@ -1,0 +1,128 @@
+"""Many sessions on a long-lived gang of worker actors (DESIGN.md §7).
+
+    with GangHost(RayConfig((1, 1)), spec) as host:      # placement group, actors, weights: once
+        handle = host.submit(program, sampling, "instant")
+        for event in handle.events(): ...
+
+Every actor of the gang runs the same ``SessionHost`` on its replica in lockstep (SPMD): the same
+admissions, the same rounds, one forward per round over all sessions' rows, whose workers are spread
+over the actors (worker w on rank w % actors) and whose new K/V entries travel in one exchange per
+layer. The driver never sits in the per-token loop: each call (``host_round``) hands every actor
+the same submissions and cancellations, in one order, and runs up to ``rounds_per_call`` rounds;
+rank 0's events come back and are dispatched to the handles. A failed actor ends every open
+session with the error (``cluster.ray_session`` names the actor) and closes the gang.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from cache_service.errors import ConfigError, HogwildError
+from cache_service.planner import Mode
+from cluster.host import MAX_WAITING, RoundHost, SessionHandle, SessionHost
+from cluster.ray_session import RayConfig, RaySession
+from workers.actor import EngineSpec, ModelSpec, WorkerActor
+
+ROUNDS_PER_CALL = 8
+
+
+class GangWorker(WorkerActor):
+    """A worker actor that also runs a session host over its replica (driven by ``GangHost``)."""
+
+    def host_round(self, commands: Sequence[tuple], rounds: int) -> dict:
+        """Apply ``("submit", id, program, sampling, mode)`` / ``("cancel", id)`` in order, then run up
+        to ``rounds`` host rounds (fewer when idle). Rank 0 returns ``events`` [(id, event)],
+        ``ended`` [(id, error or None)] and ``waiting`` (sessions not admitted yet)."""
+        if getattr(self, "host", None) is None:
+            self.engine.clear(Mode.INSTANT)  # the engine's own mode is unused: rows carry their session's
+            self.host, self.handles = SessionHost(self.backend, max_waiting=1 << 30), {}
+        ended: list[tuple[int, BaseException | None]] = []
+        for command in commands:
+            if command[0] == "submit":
+                _, session_id, program, sampling, mode = command
+                try:
+                    self.handles[session_id] = self.host.submit(program, sampling, mode)
+                except HogwildError as err:
+                    ended.append((session_id, err))
+            elif command[1] in self.handles:
+                self.host.cancel(self.handles[command[1]])
+        for _ in range(rounds):
+            if not self.host.step():
+                break
+        events = [(sid, event) for sid, handle in self.handles.items() for event in handle.poll()]
+        for sid in [sid for sid, handle in self.handles.items() if handle.done.is_set()]:
+            ended.append((sid, self.handles.pop(sid)._error))
+        if self.placement.rank != 0:
+            return {"events": [], "ended": [], "waiting": 0}
+        return {"events": events, "ended": ended, "waiting": len(self.host.waiting)}
+
+
+class GangHost(RoundHost):
+    """Runs any number of sessions on one gang of worker actors (see the module docstring)."""
+
+    def __init__(self, config: RayConfig, spec: EngineSpec, *, rounds_per_call: int = ROUNDS_PER_CALL,
+                 max_waiting: int = MAX_WAITING) -> None:
+        super().__init__(max_waiting)
+        if rounds_per_call < 1:
+            raise ConfigError(f"rounds_per_call must be >= 1, got {rounds_per_call}")
+        self.rounds_per_call = rounds_per_call
+        self.session = RaySession(config, spec, actor_class=GangWorker).start()
+        self.pool_pages, self.page_size = self.session.agree("pool_pages")
+        self.open: dict[int, SessionHandle] = {}
+        self.remote_waiting = 0
+
+    def step(self) -> bool:
+        """One call on every actor: the new commands, then up to ``rounds_per_call`` rounds."""
+        with self._round:
+            arrived, cancels = self._take_inbox()
+            commands: list[tuple[Any, ...]] = [("submit", w.handle.id, w.handle.program, w.params, w.mode.value)
+                                               for w in arrived]
+            commands += [("cancel", handle.id) for handle in cancels]
+            self.open.update({w.handle.id: w.handle for w in arrived})
+            if not self.open:
+                return False
+            try:
+                report = self.session.call("host_round", commands, self.rounds_per_call)[0]
+            except HogwildError as err:  # an actor failed: the gang is gone
+                self._end_all(err)
+                self._closed = True
+                return False
+            for sid, event in report["events"]:
+                self.open[sid]._emit(event)
+            for sid, error in report["ended"]:
+                self.open.pop(sid)._end(error)
+            self.remote_waiting = report["waiting"]
+            return True
+
+    def _busy(self) -> bool:
+        return bool(self.open)
+
+    def _waiting_count(self) -> int:
+        return self.remote_waiting
+
+    def _end_all(self, error: BaseException) -> None:
+        arrived, _ = self._take_inbox()
+        for handle in [*self.open.values(), *(w.handle for w in arrived)]:
+            if not handle.done.is_set():
+                handle._end(error)
+        self.open.clear()
+        self.session.close()
+
+
+class RayRunner:
+    """What ``Session`` calls to run its program on Ray: ``runner(program, session_config)``, a gang
+    of ``actors`` worker actors hosting this one session (started and removed around it).
+    ``options``: further ``RayConfig`` fields (strategy, device, address, timeouts ...)."""
+
+    def __init__(self, actors: int, **options: Any) -> None:
+        if actors < 1:
+            raise ConfigError(f"--actors must be >= 1, got {actors}")
+        self.actors, self.options = actors, options
+
+    def __call__(self, program: Any, config: Any) -> Iterator[Any]:
+        ray_config = RayConfig.split(config.protocol.workers, self.actors, **self.options)
+        # "default" stays a name: every node resolves (and if needed pulls) its own copy
+        spec = EngineSpec(ModelSpec(config.model), sampling=config.sampling, pool=config.pool)
+        with GangHost(ray_config, spec) as host:
+            yield from host.submit(program, config.sampling, config.mode).events()
