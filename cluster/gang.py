@@ -36,6 +36,7 @@ class GangWorker(WorkerActor):
         ``ended`` [(id, error or None)] and ``waiting`` (sessions not admitted yet)."""
         if getattr(self, "host", None) is None:
             self.engine.clear(Mode.INSTANT)  # the engine's own mode is unused: rows carry their session's
+            self.backend.recorder = None  # the CacheService mirrors one session; a gang's are not saved yet
             self.host, self.handles = SessionHost(self.backend, max_waiting=1 << 30), {}
         ended: list[tuple[int, BaseException | None]] = []
         for command in commands:

@@ -14,7 +14,9 @@ with its own parameters and per-worker generators. Programs are sans-IO generato
 session's blocks are freed the moment it ends, fails or is cancelled.
 
 ``start()`` runs rounds on a background thread: submit, iterate (also ``async for``) and cancel
-from any thread or event loop. Without it, iterating a handle runs rounds inline.
+from any thread or event loop. Without it, iterating a handle runs rounds inline. ``RoundHost`` is
+that shared part; ``cluster.gang.GangHost`` is the same interface over a gang of worker actors, each
+of which runs a ``SessionHost`` on its replica (``workers.distributed.DistributedBackend.decode``).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ _END = object()  # closes a handle's event queue
 class SessionHandle:
     """One submitted session: its events as they happen, its result, cancellation."""
 
-    def __init__(self, host: SessionHost, session_id: int, program: Program) -> None:
+    def __init__(self, host: RoundHost, session_id: int, program: Program) -> None:
         self.host, self.id, self.program = host, session_id, program
         self.builder = TranscriptBuilder(program.problem, time.perf_counter())
         self._queue: queue.Queue = queue.Queue()
@@ -65,22 +67,23 @@ class SessionHandle:
         self.done = threading.Event()
 
     def events(self) -> Iterator[Event]:
-        """Events until the session ends; raises what ended it abnormally (an error, a cancel)."""
+        """Events until the session ends; raises what ended it abnormally (an error, a cancel).
+        Events are delivered once: a second iterator continues where the first stopped."""
         while True:
             item = self._next()
             if item is _END:
-                if self._error is not None:
-                    raise self._error
+                self._finish()
                 return
             yield item
 
     async def aevents(self) -> AsyncIterator[Event]:
         """``events`` for asyncio (needs the host's thread: ``host.start()``)."""
+        if self.host.inline:
+            raise HogwildError("aevents() needs the host's thread; call host.start() first")
         while True:
             item = await asyncio.to_thread(self._queue.get)
             if item is _END:
-                if self._error is not None:
-                    raise self._error
+                self._finish()
                 return
             yield item
 
@@ -109,8 +112,14 @@ class SessionHandle:
 
     def _next(self):
         while self.host.inline and self._queue.empty():
-            self.host.step()
+            if not self.host.step() and self._queue.empty():
+                raise HogwildError(f"session {self.id} is not running on its host; submit it again")
         return self._queue.get()
+
+    def _finish(self) -> None:
+        self._queue.put(_END)  # the end stays for later readers (result(), poll())
+        if self._error is not None:
+            raise self._error
 
     # ---- called by the host ------------------------------------------------------------------
     def _emit(self, event: Event) -> None:

@@ -96,7 +96,7 @@ class Decode:
 
 
 Request = Prefill | Decode
-Steps = Generator["Event | Request", "Sequence[int] | None", None]
+Steps = Generator[Event | Request, Sequence[int] | None, None]
 
 
 def drive(steps: Steps, backend: Backend) -> Iterator[Event]:
@@ -155,15 +155,17 @@ class Program:
 
     def worst_case_pages(self, page_size: int) -> int:
         """Pool pages this session can ever hold at once (what a host admits it by): every token
-        it can write, or every view at full context, whichever is less, plus page rounding and the
-        blocks' reservations."""
+        it can write, or what its views can hold, whichever is less, plus page rounding and the
+        blocks' reservations. No view outgrows the context (``_fits``), and where every view shows
+        every step (the prompt and all step blocks), they all fit in one context."""
         config = self.config
         fixed = len(self.prompt_ids) + sum(map(len, self.shared_ids.values()))
         fixed += sum(len(ids) for parts in self.worker_ids for ids in parts.values())
         longest = max(len(self.check_ids), len(self.separator_ids), len(self.prefix_ids(0, 10 ** 4)))
         written = config.workers * (config.max_steps + 1) * (longest + 1)
         written += len(self.finisher_ids) + config.answer_tokens
-        tokens = fixed + min(written, config.workers * self.max_context)
+        views = self.max_context if "step" in self.layout.peer else config.workers * self.max_context
+        tokens = fixed + min(written, views)
         blocks = 1 + len(self.shared_ids) + sum(len(parts) + 1 for parts in self.worker_ids)
         reserved = [len(self.prompt_ids) + config.max_steps] + [config.max_step_tokens + 16] * config.workers
         return -(-tokens // page_size) + blocks + sum(-(-r // page_size) for r in reserved)

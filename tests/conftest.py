@@ -27,3 +27,20 @@ def default_lm() -> LoadedModel:
     from workers.model_store import default_model_path
 
     return load_model(default_model_path(), dtype=torch.float32, device="cpu")
+
+
+@pytest.fixture
+def plan_spy(monkeypatch) -> list:
+    """Records every attention plan the engine builds (to assert which paths a test used)."""
+    import workers.engine
+
+    plans = []
+    real = workers.engine.plan_step
+
+    def spy(*args, **kwargs):
+        planned = real(*args, **kwargs)
+        plans.append(planned.plan)
+        return planned
+
+    monkeypatch.setattr(workers.engine, "plan_step", spy)
+    return plans

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from cluster.cli import EXIT_ERROR, main
+import workers.engine
+from cluster.cli import EXIT_BUG, EXIT_ERROR, main
 from cluster.events import Delta, Finished, Started, StepDone, Tick
 from cluster.transcript import TranscriptBuilder
 from cluster.view import ColumnView, LineView, progress_bar, render_columns, wrap
@@ -44,6 +45,9 @@ def assert_one_line_error(code: int, stderr: str, match: str) -> None:
     (["run", "2+2?", "--layout", "diagonal"], "layout"),
     (["run", "2+2?", "--mode", "eventual"], "mode"),
     (["run", "2+2?", "--model", "/no/such/model"], "not found"),
+    (["run", "2+2?", "--kv-tokens", "8"], "at least one page"),
+    (["run", "2+2?", "--kv-page-size", "0"], "page size"),
+    (["run", "2+2?", "--kv-memory-fraction", "1.5"], "memory fraction"),
     (["fly"], "invalid choice"),
     ([], "required"),
 ])
@@ -55,6 +59,25 @@ def test_bad_input_is_one_line(args, match, capsys):
 def test_a_directory_that_is_no_model(tmp_path, capsys):
     code = main(["run", "2+2?", "--model", str(tmp_path)])
     assert_one_line_error(code, capsys.readouterr().err, "cannot load model")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("debug", [False, True])
+def test_an_unexpected_error_in_a_run_is_one_line(debug, monkeypatch, capsys):
+    """A bug inside a run (here the engine's forward raising) ends in one line and exit status 1;
+    the traceback only with --debug."""
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("boom inside the forward")
+
+    monkeypatch.setattr(workers.engine.HogwildEngine, "forward", broken)
+    code = main((["--debug"] if debug else []) + ["run", "2+2?", "--max-steps", "2", "--json"])
+    err = capsys.readouterr().err
+    assert code == EXIT_BUG
+    assert err.strip().splitlines()[-1].startswith("hogwild: error: unexpected RuntimeError: boom inside the forward")
+    assert ("Traceback" in err) == debug
+    if not debug:
+        assert len(err.strip().splitlines()) == 1, err
 
 
 def test_error_in_a_subprocess_has_no_traceback():

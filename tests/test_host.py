@@ -194,3 +194,22 @@ def test_session_api_is_a_host_with_one_session(tiny):
     assert isinstance(events[0], Started) and isinstance(events[-1], Finished)
     assert texts(events) == texts(run_alone(tiny, Session(PROBLEMS[0], config, lm=tiny).program,
                                             config.sampling))
+
+
+# ---- the worst case a session is admitted by --------------------------------------------------
+@pytest.mark.parametrize("layout", ["combined", "contiguous", "interleaved"])
+@pytest.mark.parametrize("max_steps", [40, 2000])  # 2000: the context (2048 tokens) ends the run
+def test_a_session_never_holds_more_pages_than_its_worst_case(layout, max_steps):
+    lm = load_model(tiny_config("llama", initializer_range=0.15, max_position_embeddings=2048),
+                    dtype=torch.float32, device="cpu")
+    prog = program(lm, PROBLEMS[4], workers=3, layout=layout, max_steps=max_steps, max_step_tokens=12)
+    h = SessionHost(HogwildEngine(lm, pool=PoolConfig(tokens=1 << 16)))
+    handle = h.submit(prog, SamplingParams(temperature=1.0, seed=2))
+    peak = 0
+    while not handle.done.is_set():
+        h.step()
+        peak = max(peak, h.engine.store.used_pages)
+    events = list(handle.events())
+    assert 0 < peak <= prog.worst_case_pages(16)
+    if max_steps == 2000:
+        assert events[-1].reason == "context"

@@ -7,11 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import workers.engine
 from cache_service.kv_store import KVStore, PoolConfig
 from cache_service.layout import View
 from cache_service.planner import DIRECT_MIN_TOKENS, Mode, Row, plan_step
-from kernels.attention import AttentionPlan
 from kernels.rope import RopeTable
 from workers.engine import HogwildEngine
 
@@ -52,26 +50,12 @@ def _joint_step(mode: str, direct_min: int, a_first: bool,
     return mine_a, mine_b
 
 
-@pytest.fixture
-def plans(monkeypatch):
-    recorded: list[AttentionPlan] = []
-    real = workers.engine.plan_step
-
-    def spy(*args, **kwargs):
-        planned = real(*args, **kwargs)
-        recorded.append(planned.plan)
-        return planned
-
-    monkeypatch.setattr(workers.engine, "plan_step", spy)
-    return recorded
-
-
 @pytest.mark.parametrize("a_first", [True, False])
 @pytest.mark.parametrize("direct_min", [1, 8, DIRECT_MIN_TOKENS])  # all direct, prompts direct, all tail
 @pytest.mark.parametrize("mode", ["instant", "lagged"])
-def test_nan_in_one_session_does_not_reach_another(mode, direct_min, a_first, plans):
+def test_nan_in_one_session_does_not_reach_another(mode, direct_min, a_first, plan_spy):
     clean_a, clean_b = _joint_step(mode, direct_min, a_first, poison=False)
-    joint = plans[-1]
+    joint = plan_spy[-1]
     poisoned_a, poisoned_b = _joint_step(mode, direct_min, a_first, poison=True)
     assert all(x.isnan().all() for x in poisoned_a)  # the poison reached every token of A
     assert all(torch.isfinite(x).all() for x in clean_a + clean_b)

@@ -11,7 +11,6 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-import workers.engine
 from cache_service.errors import UnsupportedError
 from cache_service.kv_store import PoolConfig
 from cache_service.layout import View
@@ -158,21 +157,6 @@ def run_scenario(lm, mode, seed, *, direct_min=DIRECT_MIN_TOKENS, long_prompt=Fa
                     engine.commit(own[w], common)
                     oracle.commit(own[w], common)
     return engine
-
-
-@pytest.fixture
-def plan_spy(monkeypatch):
-    """Records every plan the engine builds, to assert which attention paths a scenario used."""
-    plans = []
-    real = workers.engine.plan_step
-
-    def spy(*args, **kwargs):
-        planned = real(*args, **kwargs)
-        plans.append(planned.plan)
-        return planned
-
-    monkeypatch.setattr(workers.engine, "plan_step", spy)
-    return plans
 
 
 def assert_paths(plans, *, long_direct):

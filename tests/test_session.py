@@ -131,6 +131,17 @@ def test_transcript_exports(real_run):
     assert all(r.text.strip() in markdown for r in result.transcript)
 
 
+def prefilled_blocks(program: Program, engine: HogwildEngine):
+    """The session's block table, its prefill requests carried out on ``engine``."""
+    steps = allocate_blocks(program, engine)
+    try:
+        while True:
+            request = next(steps)
+            engine.prefill(request.block, request.tokens, request.context)
+    except StopIteration as done:
+        return done.value
+
+
 class BobProbe:
     """Bob's next-token logits after Alice finished one step and started another, on one engine
     whose prompt is encoded once (each probe truncates the blocks back to that state)."""
@@ -139,7 +150,7 @@ class BobProbe:
         self.program = Program(PROBLEM, ProtocolConfig(workers=2, layout=layout),
                                TokenizerCodec(lm.tokenizer), lm.max_context)
         self.engine = HogwildEngine(lm)
-        self.table = allocate_blocks(self.program, self.engine)
+        self.table = prefilled_blocks(self.program, self.engine)
         self.common = self.engine.length(self.table.common)
 
     def logits(self, alice_done: str, alice_now: str) -> torch.Tensor:
