@@ -1,5 +1,8 @@
 """The ``hogwild`` command: ``hogwild run "PROBLEM" ...`` and ``hogwild models pull``.
 
+Other layers add subcommands without this module importing them (imports flow one way): a
+``Command`` is ``(add_parser, run)``; ``deploy.cli`` (the console script) passes ``serve``.
+
 Errors the user can fix end the program with one line, ``hogwild: error: ...``, and exit code 2;
 anything unexpected also ends in one line (exit code 1), with the traceback only under ``--debug``.
 """
@@ -10,7 +13,8 @@ import argparse
 import sys
 import traceback
 from pathlib import Path
-from typing import NoReturn
+from collections.abc import Callable, Mapping
+from typing import Any, NoReturn
 
 from cache_service.errors import ConfigError, HogwildError
 
@@ -26,7 +30,11 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
-def build_parser() -> argparse.ArgumentParser:
+AddParser = Callable[[Any], None]  # given the subparsers action, adds one subcommand's parser
+Command = tuple[AddParser, Callable[[argparse.Namespace], int]]
+
+
+def build_parser(extra: Mapping[str, Command] | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="hogwild", description="Hogwild! Inference: LLM workers sharing one KV cache.")
     parser.add_argument("--debug", action="store_true", help="print the traceback of unexpected errors")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -57,14 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="manage models")
     models.add_argument("action", choices=["pull"], help="pull: fetch the default model")
     models.add_argument("--force", action="store_true", help="fetch again even when present")
+    for add_parser, _ in (extra or {}).values():
+        add_parser(commands)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, extra: Mapping[str, Command] | None = None) -> int:
+    """Run the command line ``argv``; ``extra`` adds subcommands by name."""
     argv = sys.argv[1:] if argv is None else argv
+    handlers = {"run": _run, "models": _models, **{name: run for name, (_, run) in (extra or {}).items()}}
     try:
-        args = build_parser().parse_args(argv)
-        return _run(args) if args.command == "run" else _models(args)
+        args = build_parser(extra).parse_args(argv)
+        return handlers[args.command](args)
     except HogwildError as err:
         print(f"hogwild: error: {err}", file=sys.stderr)
         return EXIT_ERROR

@@ -20,7 +20,7 @@ DEMO = "Alice has 3 boxes with 4 apples each. She gives away 5 apples. How many 
 
 
 def hogwild(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    command = [shutil.which("hogwild")] if shutil.which("hogwild") else [sys.executable, "-m", "cluster.cli"]
+    command = [shutil.which("hogwild")] if shutil.which("hogwild") else [sys.executable, "-m", "deploy.cli"]
     return subprocess.run(command + list(args), capture_output=True, text=True, timeout=timeout)
 
 
