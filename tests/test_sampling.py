@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cache_service.errors import ConfigError, HogwildError
-from workers.sampling import SamplingParams, filter_logits, sample, worker_generator
+from workers.sampling import TOP_P_CANDIDATES, SamplingParams, filter_logits, sample, worker_generator
 
 VOCAB = 50
 
@@ -136,3 +136,22 @@ def test_bad_params_raise_config_error(kwargs):
 def test_nan_temperature_raises_config_error():
     with pytest.raises(ConfigError):
         SamplingParams(temperature=math.nan)
+
+
+def _top_p_by_full_sort(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The reference: sort the whole vocabulary."""
+    ordered, index = torch.sort(logits, dim=-1, descending=True)
+    probs = ordered.softmax(-1)
+    drop = probs.cumsum(-1) - probs >= top_p
+    return logits.scatter(-1, index, ordered.masked_fill(drop, float("-inf")))
+
+
+@pytest.mark.parametrize("spread", [8.0, 0.01])  # peaked: the candidates suffice; flat: the fallback
+@pytest.mark.parametrize("top_p", [0.5, 0.95])
+def test_top_p_from_candidates_equals_a_full_sort(spread, top_p):
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(5, 49152, generator=generator) * spread
+    kept = filter_logits(logits, SamplingParams(temperature=1.0, top_p=top_p)).isfinite()
+    expected = _top_p_by_full_sort(logits, top_p).isfinite()
+    assert torch.equal(kept, expected)
+    assert kept.sum() > (TOP_P_CANDIDATES if spread < 1 else 0)  # the flat case keeps more than the candidates

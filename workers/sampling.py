@@ -34,25 +34,50 @@ def worker_generator(params: SamplingParams, worker: int) -> torch.Generator:
     return generator
 
 
-def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, top-k and top-p applied to ``[rows, vocab]`` logits (float32)."""
+TOP_P_CANDIDATES = 256  # top-p looks at this many most likely tokens first, the whole vocabulary if needed
+
+
+def candidates(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens each row may draw after temperature, top-k and top-p: ``(values, ids)``, both
+    ``[rows, c]``, logits of the candidates (``-inf`` where filtered out) and their token ids.
+
+    Top-p keeps each row's most likely tokens up to (and including) the one whose cumulative
+    probability reaches ``top_p``. It first looks at the ``TOP_P_CANDIDATES`` most likely tokens
+    (a partial sort), which hold that set whenever their mass reaches ``top_p``; otherwise it sorts
+    the vocabulary. Either way the result equals a full sort's."""
     logits = logits.float() / params.temperature
+    vocab = logits.shape[-1]
     if params.top_k:
-        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        values, ids = torch.topk(logits, min(params.top_k, vocab), dim=-1)
+        total = None  # top-p renormalises over the top-k tokens
+    elif params.top_p < 1:
+        values, ids = torch.topk(logits, min(TOP_P_CANDIDATES, vocab), dim=-1)
+        total = (logits - values[:, :1]).exp_().sum(-1, keepdim=True)  # the softmax's denominator
+    else:
+        return logits, torch.arange(vocab, device=logits.device).expand_as(logits)
     if params.top_p < 1:
-        ordered, index = torch.sort(logits, dim=-1, descending=True)
-        cumulative = ordered.softmax(-1).cumsum(-1)
-        drop = cumulative - ordered.softmax(-1) >= params.top_p  # keep the token that crosses top_p
-        logits = logits.scatter(-1, index, ordered.masked_fill(drop, float("-inf")))
-    return logits
+        probs = values.softmax(-1) if total is None else (values - values[:, :1]).exp_().div_(total)
+        cumulative = probs.cumsum(-1)
+        if values.shape[-1] < vocab and total is not None and not bool((cumulative[:, -1] >= params.top_p).all()):
+            values, ids = torch.sort(logits, dim=-1, descending=True)
+            probs = values.softmax(-1)
+            cumulative = probs.cumsum(-1)
+        values = values.masked_fill(cumulative - probs >= params.top_p, float("-inf"))  # keep the crossing one
+    return values, ids
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, top-k and top-p applied to ``[rows, vocab]`` logits (float32, ``-inf`` where dropped)."""
+    values, ids = candidates(logits, params)
+    return torch.full_like(logits, float("-inf"), dtype=torch.float32).scatter_(-1, ids, values)
 
 
 def sample(
     logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]
 ) -> list[int]:
-    """One token per row of ``logits``; row i draws from ``generators[i]``."""
+    """One token per row of ``logits``; row i draws from ``generators[i]`` among its candidates."""
     if params.temperature == 0:
         return logits.argmax(-1).tolist()
-    probs = filter_logits(logits, params).softmax(-1).cpu()
-    return [int(torch.multinomial(p, 1, generator=g)) for p, g in zip(probs, generators)]
+    values, ids = candidates(logits, params)
+    probs, ids = values.softmax(-1).cpu(), ids.cpu()
+    return [int(row_ids[torch.multinomial(p, 1, generator=g)]) for p, row_ids, g in zip(probs, ids, generators)]
