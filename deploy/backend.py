@@ -1,0 +1,110 @@
+"""What the HTTP app serves from: one started session host, the model's codec, the settings.
+
+    backend = local_backend(ServeConfig())          # the model and one engine in this process
+    handle = backend.submit(problem, options)       # a cluster.host.SessionHandle
+    backend.close()
+
+``gang_backend`` is the same over a gang of worker actors (``deploy.gang``). The backend turns a
+request's options into a session (``ProtocolConfig``, ``SamplingParams``, mode); every error the
+client can fix is a ``ConfigError`` raised before the session is queued.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cache_service.errors import ConfigError
+from cache_service.kv_store import PoolConfig
+from cluster.codec import Codec, codec_for
+from cluster.host import RoundHost, SessionHandle, SessionHost
+from cluster.protocol import Program, ProtocolConfig
+from cluster.session import open_model, open_model_info
+from workers.engine import HogwildEngine
+from workers.model import LoadedModel, ModelInfo
+from workers.sampling import SamplingParams
+from deploy.config import ServeConfig
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """One request's session settings (None: the server's default)."""
+
+    workers: int | None = None
+    layout: str | None = None
+    mode: str | None = None
+    max_steps: int | None = None
+    check_every: int | None = None
+    max_step_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+
+class ServeBackend:
+    """A started host plus what building a session needs (module docstring)."""
+
+    def __init__(self, host: RoundHost, info: ModelInfo, config: ServeConfig) -> None:
+        self.host, self.info, self.config = host, info, config
+        self.codec: Codec = codec_for(info.tokenizer, info.config.vocab_size)
+        self.model_id = config.served_name or info.name
+
+    def knows(self, model: str | None) -> bool:
+        """Whether ``model`` names this endpoint's model (None: the client left it to the server)."""
+        return model is None or model in {self.model_id, self.config.model, "default"}
+
+    def program(self, problem: str, options: SessionOptions) -> Program:
+        config = self.config
+        if len(problem) > config.max_prompt_chars:
+            raise ConfigError(f"the problem has {len(problem)} characters, this server takes at most "
+                              f"{config.max_prompt_chars}; shorten it")
+        workers = options.workers or config.workers
+        if workers > config.max_workers:
+            raise ConfigError(f"workers must be between 1 and {config.max_workers} on this server, got {workers}")
+        steps = options.max_steps or config.max_steps
+        if steps > config.max_steps_limit:
+            raise ConfigError(f"the budget of {steps} decode steps is above this server's limit of "
+                              f"{config.max_steps_limit}; ask for fewer (max_steps / max_tokens)")
+        protocol = ProtocolConfig(
+            workers=workers, layout=options.layout or config.layout, max_steps=steps,
+            max_step_tokens=options.max_step_tokens or config.max_step_tokens,
+            check_every=config.check_every if options.check_every is None else options.check_every)
+        return Program(problem, protocol, self.codec, self.info.max_context)
+
+    def sampling(self, options: SessionOptions) -> SamplingParams:
+        config = self.config
+        return SamplingParams(
+            temperature=config.temperature if options.temperature is None else options.temperature,
+            top_p=config.top_p if options.top_p is None else options.top_p,
+            seed=options.seed or 0)
+
+    def submit(self, problem: str, options: SessionOptions) -> SessionHandle:
+        """Queue a session; ``ConfigError`` for what the client can fix, ``HostBusyError`` when full."""
+        program = self.program(problem, options)
+        return self.host.submit(program, self.sampling(options), options.mode or self.config.mode)
+
+    def stats(self) -> dict:
+        stats = getattr(self.host, "stats", None)
+        return stats() if stats else {}
+
+    def close(self) -> None:
+        self.host.close()
+
+
+def local_backend(config: ServeConfig, lm: LoadedModel | None = None) -> ServeBackend:
+    """The model (``lm``, else ``config.model``) and one engine in this process, its host started."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    lm = lm if lm is not None else open_model(config.model)
+    engine = HogwildEngine(lm, pool=PoolConfig(tokens=config.kv_tokens, page_size=config.kv_page_size))
+    host = SessionHost(engine, max_waiting=config.max_waiting).start()
+    return ServeBackend(host, lm.info, config)
+
+
+def gang_backend(config: ServeConfig, group=None) -> ServeBackend:
+    """A gang of ``config.actors`` worker actors (in placement group ``group``, else its own)."""
+    from deploy.gang import start_gang
+
+    info = open_model_info(config.model)
+    return ServeBackend(start_gang(config, group), info, config)
