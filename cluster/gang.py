@@ -15,12 +15,16 @@ session with the error (``cluster.ray_session`` names the actor) and closes the 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
+
+import ray
 
 from cache_service.errors import ConfigError, HogwildError
 from cache_service.planner import Mode
 from cluster.host import MAX_WAITING, RoundHost, SessionHandle, SessionHost
+from cluster.ray_connect import PROBE_TIMEOUT_S, Address, reach
 from cluster.ray_session import RayConfig, RaySession
 from workers.actor import EngineSpec, ModelSpec, WorkerActor
 
@@ -120,6 +124,12 @@ class RayRunner:
         if actors < 1:
             raise ConfigError(f"--actors must be >= 1, got {actors}")
         self.actors, self.options = actors, options
+        address = options.get("address") or os.environ.get("RAY_ADDRESS")
+        if address and not ray.is_initialized():  # fail before anything loads (connect checks it fully)
+            source = "--ray-address" if options.get("address") else "RAY_ADDRESS"
+            parsed = Address.parse(address, source)
+            if parsed is not None:
+                reach(parsed, source, PROBE_TIMEOUT_S)
 
     def __call__(self, program: Any, config: Any) -> Iterator[Any]:
         ray_config = RayConfig.split(config.protocol.workers, self.actors, **self.options)

@@ -31,6 +31,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cache_service.errors import ConfigError, HogwildError
 from cache_service.service import CacheService
 from cache_service.snapshot import read_file, write_file
+from cluster.ray_connect import ClusterError, check_address
 from workers.actor import EngineSpec, Program, WorkerActor
 from workers.distributed import Placement
 from workers.exchange import RendezvousError
@@ -39,10 +40,6 @@ STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 DEVICES = ("auto", "cpu", "cuda")
 SERVICE_CPUS = 0.1
 FAILURE_GRACE_S = 3.0  # after a failure, how long to wait for the other actors' errors
-
-
-class ClusterError(HogwildError):
-    """A Ray session could not start or stopped because an actor failed."""
 
 
 class ResourcesError(ClusterError):
@@ -101,7 +98,14 @@ def connect(config: RayConfig) -> bool:
         return False
     address = config.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+        source = "--ray-address" if config.address else "RAY_ADDRESS"
+        check_address(address, source)  # unreachable, or a token the cluster refuses: one line, in seconds
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+        except (ConnectionError, RuntimeError, RayError) as err:
+            reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+            raise ClusterError(f"could not join the Ray cluster at {address} (from {source}): {reason}; "
+                               "check the address and that this client's Ray matches the cluster's") from None
     else:  # a local Ray fits the session even on a machine with fewer cores than actors
         wanted = math.ceil(config.actors * config.cpus_per_actor + SERVICE_CPUS)
         ray.init(address="local", num_cpus=config.num_cpus or max(os.cpu_count() or 1, wanted),
