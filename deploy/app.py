@@ -14,6 +14,7 @@ only.
 from __future__ import annotations
 
 import secrets
+from contextlib import aclosing
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -90,9 +91,10 @@ async def _complete(backend: ServeBackend, body: HogwildFields, problem: str, ki
         usage = body.stream_options is None or body.stream_options.include_usage
         return StreamingResponse(_stream(handle, fmt, usage, request), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    async for batch in session_events(handle, request.is_disconnected):
-        for event in batch:
-            fmt.chunks(event)  # keeps the prompt size and the finisher for the response
+    async with aclosing(session_events(handle, request.is_disconnected)) as batches:
+        async for batch in batches:
+            for event in batch:
+                fmt.chunks(event)  # keeps the prompt size and the finisher for the response
     if not handle.done.is_set():  # the client left
         return JSONResponse(error_body("the client disconnected", "invalid_request_error"), 499)
     return JSONResponse(fmt.response(handle.builder.result()))
@@ -101,10 +103,11 @@ async def _complete(backend: ServeBackend, body: HogwildFields, problem: str, ki
 async def _stream(handle, fmt: OpenAIFormat, usage: bool, request: Request):
     """SSE: the chunks of each batch of events in one write, then the finish, usage and [DONE]."""
     try:
-        async for batch in session_events(handle, request.is_disconnected):
-            text = "".join(sse(chunk) for event in batch for chunk in fmt.chunks(event))
-            if text:
-                yield text
+        async with aclosing(session_events(handle, request.is_disconnected)) as batches:
+            async for batch in batches:
+                text = "".join(sse(chunk) for event in batch for chunk in fmt.chunks(event))
+                if text:
+                    yield text
         if not handle.done.is_set():
             return  # the client left; the session is cancelled
         final = fmt.final(handle.builder.result())

@@ -52,7 +52,13 @@ class ServeBackend:
 
     def knows(self, model: str | None) -> bool:
         """Whether ``model`` names this endpoint's model (None: the client left it to the server)."""
-        return model is None or model in {self.model_id, self.config.model, "default"}
+        names = {self.model_id, "default"} | ({self.config.model} if isinstance(self.config.model, str) else set())
+        return model is None or model in names
+
+    @property
+    def alive(self) -> bool:
+        """Whether the host still takes sessions (a gang whose actor failed closes itself)."""
+        return not self.host._closed
 
     def program(self, problem: str, options: SessionOptions) -> Program:
         config = self.config

@@ -43,7 +43,7 @@ class HogwildDeployment:
         return create_app(self.backend)
 
     def check_health(self) -> None:
-        if getattr(self.backend.host, "_closed", False):
+        if not self.backend.alive:
             raise RuntimeError("the session host is closed (its gang failed); the replica must be replaced")
 
     def __del__(self) -> None:

@@ -40,7 +40,8 @@ def url():
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     try:
-        config = ServeConfig(model=TINY, kv_tokens=1 << 15, max_steps=10, max_steps_limit=128, max_workers=4)
+        config = ServeConfig(model=TINY, kv_tokens=1 << 15, max_steps=10, max_steps_limit=128, max_workers=4,
+                             max_step_tokens=6, check_every=4)
         yield start(config, host="127.0.0.1", port=_free_port())
     finally:
         stop()
