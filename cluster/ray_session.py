@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -285,7 +286,7 @@ class RaySession:
         except StopIteration:
             return None
         except RayError as err:
-            raise self._failure({rank: err, **self._other_errors(others)}, "run") from None
+            raise self._failure({rank: err, **self._other_errors(others)}, "run")
 
     def save(self, path: str | Path, meta: dict | None = None) -> Path:
         """Snapshot the cache (between calls): the service's mirrored blocks + rank 0's live ones."""
@@ -332,7 +333,7 @@ class RaySession:
         try:
             return ray.get(ref)
         except RayError as err:
-            raise self._failure({rank: err, **self._other_errors(others)}, what) from None
+            raise self._failure({rank: err, **self._other_errors(others)}, what)
 
     @staticmethod
     def _other_errors(others: dict) -> dict[int, RayError]:
@@ -352,24 +353,39 @@ class RaySession:
 
     def _failure(self, errors: dict[int, RayError], what: str) -> HogwildError:
         """The error to raise for failed ranks. A HogwildError every rank raised (a bad request,
-        refused alike everywhere) leaves the session usable; anything else tears it down first."""
+        refused alike everywhere) leaves the session usable; anything else tears it down first.
+        Nothing is dropped: the message names every failed rank's reason, and the first rank's
+        underlying exception is the error's ``__cause__``."""
         causes = {r: e.cause if isinstance(e, RayTaskError) else None for r, e in errors.items()}
         if len(errors) == len(self.actors) and all(isinstance(c, HogwildError) for c in causes.values()):
             return causes[min(causes)]
         self.close()
         dead = {r: e for r, e in errors.items() if isinstance(e, RayActorError)}
+        failed = {r: e for r, e in errors.items() if r not in dead}
+        first = min(dead or failed)
         if dead:
             by_reason: dict[str, list[int]] = {}
             for r, e in sorted(dead.items()):
                 by_reason.setdefault(_reason(e), []).append(r)
             text = "; ".join(f"{' and '.join(map(self._describe, ranks))} died during {what}: {reason}"
                              for reason, ranks in by_reason.items())
-            return ActorFailedError(f"{text}; the session was stopped and its actors removed, start it again")
-        rank, err = min(errors.items())
-        if isinstance(causes[rank], HogwildError):
-            return causes[rank]
-        return ActorFailedError(f"{self._describe(rank)} failed during {what}: {_reason(err)}; "
-                                "the session was stopped and its actors removed")
+            error: HogwildError = ActorFailedError(f"{text}{self._also(failed)}; the session was stopped and its "
+                                                   "actors removed, start it again")
+        elif isinstance(causes[first], HogwildError):
+            error = causes[first]
+            if len(failed) > 1:
+                error.add_note(f"also{self._also(failed, skip=first)[1:]}")
+        else:
+            error = ActorFailedError(f"{self._describe(first)} failed during {what}: {_reason(errors[first])}"
+                                     f"{self._also(failed, skip=first)}; the session was stopped and its actors removed")
+        if error is not causes[first] and error.__cause__ is None:
+            error.__cause__ = causes[first] or errors[first]
+        return error
+
+    @staticmethod
+    def _also(failed: dict[int, RayError], skip: int | None = None) -> str:
+        """``; rank 1 then failed: ...`` for the other ranks' errors (the cause of each kept)."""
+        return "".join(f"; rank {r} also failed: {_reason(e)}" for r, e in sorted(failed.items()) if r != skip)
 
     def _describe(self, rank: int) -> str:
         ident = self.identities[rank] if rank < len(self.identities) else {}
@@ -387,11 +403,16 @@ def _resources(resources: dict[str, float]) -> str:
 
 
 def _reason(err: BaseException) -> str:
-    """The most telling line of a Ray error."""
+    """The most telling line of a Ray error (for an actor whose ``__init__`` raised: that error)."""
     cause = getattr(err, "cause", None)
     if isinstance(cause, BaseException):
         return f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1][:300] if str(cause).strip() else ''}"
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if getattr(err, "actor_init_failed", False):  # the creation task's traceback ends with its exception
+        raised = [line for line in lines if re.match(r"^[\w.]+(Error|Exception): ", line)]
+        if raised:
+            name, _, message = raised[-1].partition(": ")
+            return f"{name.rsplit('.', 1)[-1]} while starting: {message}"[:300].rstrip(".")
     telling = [line for line in lines if "actor is dead" in line or "Error" in line]
     return (telling or lines or [type(err).__name__])[-1][:300].rstrip(".")
 

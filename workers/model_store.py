@@ -8,6 +8,7 @@ checkpoint beside it, so later loads skip the de-quantisation.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import os
 import shutil
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from cache_service.errors import ConfigError, HogwildError
@@ -43,20 +45,42 @@ def resolve_model(name: str) -> str:
 
 
 def pull_default_model(force: bool = False) -> Path:
-    """Download, unpack and convert the default model; returns its directory."""
+    """Download, unpack and convert the default model; returns its directory.
+
+    Safe for several processes at once (actors on one node): one pulls under a file lock while the
+    others wait for it and then find the model; the model is built in a temporary directory and
+    renamed into place, so nobody ever sees (or deletes) a directory another process is loading."""
     target = cache_dir() / "models" / DEFAULT_MODEL
     if (target / "config.json").is_file() and not force:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        gguf = _download_gguf(Path(tmp))
-        staging = Path(tmp) / "model"
-        _convert(gguf, staging)
-        shutil.copy2(gguf, staging / gguf.name)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)  # atomic: a half-pulled model is never seen
+    with _locked(target.parent / f".{DEFAULT_MODEL}.lock"):
+        if (target / "config.json").is_file() and not force:
+            return target  # another process pulled it while we waited
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{DEFAULT_MODEL}.") as tmp:
+            gguf = _download_gguf(Path(tmp))
+            staging = Path(tmp) / "model"
+            _convert(gguf, staging)
+            shutil.copy2(gguf, staging / gguf.name)
+            if target.exists():  # --force: move the old copy aside (open files stay readable), then replace
+                target.rename(Path(tmp) / "old")
+            staging.rename(target)  # atomic: a half-pulled model is never seen
     return target
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (released when the holder exits, even if killed)."""
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as err:
+            raise HogwildError(f"cannot lock {path} to pull the default model: {err.strerror}; "
+                               "check that the cache directory (HOGWILD_CACHE) is writable") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _download_gguf(workdir: Path) -> Path:
