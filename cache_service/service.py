@@ -6,6 +6,10 @@ batches, so the service is never on the step's critical path. Blocks whose whole
 service holds are *mirrored* (the prompt, layout headers, the common history); a block that is
 written by decode steps (a worker's current step) is *live*: only its token ids are logged here,
 and its K/V is taken from a worker replica when a snapshot is saved (it is short, bounded by a step).
+
+Appending is O(new entries): a mirrored block is a list of chunks, concatenated only when a
+snapshot reads it (and kept concatenated). ``Progress`` records carry what a session needs to
+resume beyond the cache (see ``RunState``); the latest one goes into every snapshot's metadata.
 """
 
 from __future__ import annotations
@@ -36,31 +40,70 @@ class Committed:
     entries: torch.Tensor | None = None
 
 
-Record = Wrote | Committed
+@dataclass(frozen=True)
+class Progress:
+    """The session's resumable state at a decode-step boundary (replaces the previous one): a
+    msgpack-able ``RunState.to_dict()``."""
+
+    state: dict
+
+
+Record = Wrote | Committed | Progress
+
+
+@dataclass
+class RunState:
+    """What a session needs to resume besides the cache's blocks (prompt, committed history and
+    every worker's unfinished step are blocks with their token ids): the decode steps done, the
+    protocol's run state (its block table and each worker's step number, unwritten input, counters:
+    plain data from the program), and each worker's sampling generator state (``torch.Generator.
+    get_state()`` bytes), all at the same decode-step boundary."""
+
+    steps: int
+    protocol: dict
+    rng: dict[int, bytes]
+
+    def to_dict(self) -> dict:
+        return {"steps": self.steps, "protocol": self.protocol, "rng": {str(w): s for w, s in self.rng.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunState":
+        try:
+            return cls(int(data["steps"]), dict(data["protocol"]),
+                       {int(w): bytes(s) for w, s in data["rng"].items()})
+        except (KeyError, TypeError, ValueError) as err:
+            raise SnapshotError(f"the snapshot's run state is malformed ({err!r}); the file is damaged") from None
 
 
 class CacheService:
     """Holds mirrored blocks' K/V and every block's token ids; writes and reads snapshots."""
 
     def __init__(self) -> None:
-        self.entries: dict[int, torch.Tensor] = {}  # mirrored blocks only
+        self.chunks: dict[int, list[torch.Tensor]] = {}  # mirrored blocks only, in append order
+        self.lengths: dict[int, int] = {}
         self.tokens: dict[int, list[int]] = {}
+        self.run: dict | None = None  # the latest ``Progress`` state
+        self.applied = 0  # records applied (a pusher's back-pressure and tests read it)
 
     def ping(self) -> bool:
         return True
 
     def clear(self) -> None:
         """Forget everything (the workers started a fresh cache)."""
-        self.entries, self.tokens = {}, {}
+        self.chunks, self.lengths, self.tokens, self.run = {}, {}, {}, None
 
     # ---- records -----------------------------------------------------------------------------
-    def apply(self, records: list[Record]) -> None:
-        """Apply pushed records in order."""
+    def apply(self, records: list[Record]) -> int:
+        """Apply pushed records in order; returns how many were applied so far."""
         for record in records:
             if isinstance(record, Wrote):
                 self._wrote(record)
-            else:
+            elif isinstance(record, Committed):
                 self._committed(record)
+            else:
+                self.run = record.state
+        self.applied += len(records)
+        return self.applied
 
     def _wrote(self, r: Wrote) -> None:
         self.tokens.setdefault(r.block, []).extend(r.tokens)
@@ -69,16 +112,25 @@ class CacheService:
     def _committed(self, r: Committed) -> None:
         self.tokens.setdefault(r.into, []).extend(self.tokens.get(r.step, []))
         self.tokens[r.step] = []
-        self.entries.pop(r.step, None)
+        self.chunks.pop(r.step, None)
+        self.lengths.pop(r.step, None)
         self._extend(r.into, r.entries)
 
     def _extend(self, block: int, entries: torch.Tensor | None) -> None:
+        """Append a chunk (O(its size): no copy of what the block already holds)."""
         if entries is None:
-            self.entries.pop(block, None)
-        elif block in self.entries:
-            self.entries[block] = torch.cat((self.entries[block], entries), dim=3)
+            self.chunks.pop(block, None)
+            self.lengths.pop(block, None)
         else:
-            self.entries[block] = entries
+            self.chunks.setdefault(block, []).append(entries)
+            self.lengths[block] = self.lengths.get(block, 0) + entries.shape[3]
+
+    def entries(self, block: int) -> torch.Tensor:
+        """A mirrored block's K/V, concatenated once (later reads reuse it)."""
+        chunks = self.chunks[block]
+        if len(chunks) > 1:
+            chunks[:] = [torch.cat(chunks, dim=3)]
+        return chunks[0]
 
     # ---- queries -----------------------------------------------------------------------------
     def block_tokens(self, block: int) -> list[int]:
@@ -87,7 +139,11 @@ class CacheService:
 
     def mirrored(self) -> dict[int, int]:
         """Mirrored blocks and their lengths."""
-        return {b: e.shape[3] for b, e in self.entries.items()}
+        return dict(self.lengths)
+
+    def run_state(self) -> dict | None:
+        """The latest resumable run state pushed (``RunState.to_dict()``), if any."""
+        return self.run
 
     # ---- snapshots ---------------------------------------------------------------------------
     def snapshot(self, live: dict[int, BlockState], spans: dict[int, tuple[int, int]], next_block: int,
@@ -102,6 +158,8 @@ class CacheService:
                                     "replica; sync the worker's records before saving")
             state.tokens = self.block_tokens(b)
             blocks[b] = state
+        if self.run is not None and "run" not in meta:
+            meta = {**meta, "run": self.run}
         return KVSnapshot(blocks, next_block, meta).to_bytes()
 
     def save(self, path: str, live: dict[int, BlockState], spans: dict[int, tuple[int, int]], next_block: int,
@@ -110,14 +168,16 @@ class CacheService:
         return str(write_file(path, self.snapshot(live, spans, next_block, meta)))
 
     def _mirrored_state(self, block: int, capacity: int) -> BlockState:
-        if block not in self.entries:
+        if block not in self.chunks:
             raise SnapshotError(f"block {block} is neither mirrored here nor sent live; "
                                 "send every block the service does not mirror")
-        return BlockState(self.entries[block], capacity)
+        return BlockState(self.entries(block), capacity)
 
     def load(self, blob: bytes) -> dict:
         """Adopt a snapshot (every block becomes mirrored); returns its metadata."""
         snapshot = KVSnapshot.from_bytes(blob)
-        self.entries = {b: s.entries for b, s in snapshot.blocks.items()}
+        self.chunks = {b: [s.entries] for b, s in snapshot.blocks.items()}
+        self.lengths = {b: s.entries.shape[3] for b, s in snapshot.blocks.items()}
         self.tokens = {b: list(s.tokens) for b, s in snapshot.blocks.items()}
+        self.run = snapshot.meta.get("run")
         return snapshot.meta

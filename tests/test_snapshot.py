@@ -113,3 +113,39 @@ def test_snapshot_round_trip_across_sessions(no_leaks, tmp_path):
         got["lagged"] += scripts["lagged"].second(RayCache(session))
     for mode in modes:
         assert_same_logits(got[mode], want[mode])
+
+
+# ---- the service stays cheap and holds the run state ----------------------------------------------
+def test_service_appends_chunks_and_concatenates_once_on_snapshot():
+    """Commits append a chunk (no copy of the history: the first chunk is never moved); a snapshot
+    concatenates once and keeps the result, and equals the history appended."""
+    service = CacheService()
+    service.apply([Wrote(0, [1, 2], entries(2, 0.0))])
+    first = service.chunks[0][0].data_ptr()
+    for step in range(1, 40):
+        service.apply([Wrote(1, [step]), Committed(1, 0, entries(1, float(step)))])
+        assert service.chunks[0][0].data_ptr() == first and len(service.chunks[0]) == step + 1
+    assert service.mirrored() == {0: 41}
+    snap = KVSnapshot.from_bytes(service.snapshot({1: BlockState(entries(0, 0.0), 8)}, {0: (41, 64), 1: (0, 8)},
+                                                  2, {}))
+    want = torch.cat([entries(2, 0.0)] + [entries(1, float(s)) for s in range(1, 40)], dim=3)
+    assert torch.equal(snap.blocks[0].entries, want) and len(service.chunks[0]) == 1
+    assert snap.blocks[0].tokens == [1, 2, *range(1, 40)]
+
+
+def test_the_run_state_travels_in_snapshots():
+    from cache_service.service import Progress, RunState
+
+    rng = {0: torch.Generator().manual_seed(3).get_state().numpy().tobytes(), 1: b"\x00\x01"}
+    state = RunState(17, {"table": [0, 1, 2], "workers": [{"step": 2, "feed": [5]}]}, rng)
+    service = CacheService()
+    service.apply([Wrote(0, [1], entries(1, 1.0)), Progress(state.to_dict())])
+    blob = service.snapshot({}, {0: (1, 8)}, 1, {"model": "m"})
+    restored = KVSnapshot.from_bytes(blob)
+    assert RunState.from_dict(restored.meta["run"]) == state
+    assert restored.meta["model"] == "m"
+    fresh = CacheService()
+    fresh.load(blob)
+    assert fresh.run_state() == restored.meta["run"] and fresh.mirrored() == {0: 1}
+    with pytest.raises(SnapshotError, match="run state is malformed"):
+        RunState.from_dict({"steps": 1})

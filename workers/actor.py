@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -35,6 +36,7 @@ from workers.sampling import SamplingParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RECORD_BATCH = 64  # records buffered before they are pushed to the CacheService
+MAX_IN_FLIGHT = 4  # pushes the CacheService may have unapplied before rank 0 waits for the oldest
 
 
 @dataclass(frozen=True)
@@ -81,33 +83,82 @@ class Program(Protocol):
 
 
 class ServiceRecorder:
-    """Buffers rank 0's records and pushes them to the CacheService fire-and-forget, in order."""
+    """Rank 0's records on their way to the CacheService, off the step's critical path.
 
-    def __init__(self, service: Any) -> None:
-        self.service = service
-        self.buffer: list[Record] = []
-        self.last = None  # the latest push (Ray ObjectRef)
+    * K/V entries are copied to the host asynchronously (CUDA: into pinned memory on the current
+      stream, with an event); a record is pushed once its copy has completed, so no step waits for
+      a device-to-host copy. On the CPU the copy is a plain clone (the pool's pages are reused).
+    * Records are pushed in batches, fire-and-forget, in order.
+    * Back-pressure: at most ``max_in_flight`` pushes are unapplied; past that, the oldest is waited
+      for, so a slow service slows rank 0 down instead of growing memory without bound.
+    """
+
+    def __init__(self, service: Any, max_in_flight: int = MAX_IN_FLIGHT, timeout_s: float = 60.0) -> None:
+        if max_in_flight < 1:
+            raise ConfigError(f"max_in_flight must be >= 1, got {max_in_flight}")
+        self.service, self.max_in_flight, self.timeout_s = service, max_in_flight, timeout_s
+        self.buffer: list[tuple[Record, torch.cuda.Event | None]] = []
+        self.in_flight: deque = deque()  # ObjectRefs of pushes not yet known to be applied
+        self.waits = 0  # times back-pressure made rank 0 wait (benchmarks read it)
 
     def record(self, record: Record) -> None:
-        self.buffer.append(record)
+        self.buffer.append(_to_host(record))
         if len(self.buffer) >= RECORD_BATCH:
             self.flush()
 
-    def flush(self) -> None:
-        if self.buffer:
-            self.last = self.service.apply.remote(self.buffer)
-            self.buffer = []
+    def flush(self, wait: bool = False) -> None:
+        """Push the buffered records whose host copies are done (all of them with ``wait``)."""
+        ready = 0
+        for _, event in self.buffer:
+            if event is not None and not event.query():
+                if not wait:
+                    break
+                event.synchronize()
+            ready += 1
+        if ready:
+            self._push([record for record, _ in self.buffer[:ready]])
+            del self.buffer[:ready]
 
     def clear(self) -> None:
         """Drop what is buffered and clear the service (after the records already sent)."""
         self.buffer = []
-        self.last = self.service.clear.remote()
+        self.in_flight.append(self.service.clear.remote())
 
-    def sync(self, timeout_s: float = 60.0) -> None:
+    def sync(self, timeout_s: float | None = None) -> None:
         """Push what is buffered and wait until the service has applied everything."""
-        self.flush()
-        if self.last is not None:
-            ray.get(self.last, timeout=timeout_s)
+        self.flush(wait=True)
+        while self.in_flight:
+            self._settle(self.in_flight.popleft(), timeout_s or self.timeout_s)
+
+    def _push(self, records: list[Record]) -> None:
+        self.in_flight.append(self.service.apply.remote(records))
+        while len(self.in_flight) > self.max_in_flight:
+            self.waits += 1
+            self._settle(self.in_flight.popleft(), self.timeout_s)
+
+    def _settle(self, ref: Any, timeout_s: float) -> None:
+        try:
+            ray.get(ref, timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise HogwildError(f"the cache service did not apply rank 0's records within {timeout_s:.0f}s; "
+                               "it is overloaded or stuck: check its node") from None
+        except ray.exceptions.RayActorError as err:
+            raise HogwildError(f"the cache service died ({str(err).strip().splitlines()[0][:200]}); "
+                               "the session cannot be saved: start it again") from None
+
+
+def _to_host(record: Record) -> tuple[Record, "torch.cuda.Event | None"]:
+    """A record whose entries are (being) copied to host memory, and the copy's event (CUDA)."""
+    entries = getattr(record, "entries", None)
+    if entries is None:
+        return record, None
+    if entries.device.type != "cuda":
+        return replace(record, entries=entries.detach().to("cpu", copy=True)), None
+    host = torch.empty(entries.shape, dtype=entries.dtype, pin_memory=True)
+    host.copy_(entries, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return replace(record, entries=host), event
 
 
 class WorkerActor:

@@ -12,7 +12,7 @@ order (global order), each actor computes its own rows, and:
 Sampled tokens are all-gathered, so every actor returns every row's token and takes the same
 decisions. Prefill runs once, on rank 0, and its entries are broadcast. Commits are local (every
 replica appends the same entries). Rank 0 reports writes and commits to a ``Recorder`` (the
-CacheService, off the critical path).
+CacheService, off the critical path: it copies entries to the host asynchronously).
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ class DistributedBackend:
         self.engine.commit(step_block, into)
         if self.recorder is not None:
             mirrored = into in self.mirrored
-            entries = self.engine.store.read(into)[:, :, :, before:].to("cpu", copy=True) if mirrored else None
+            entries = self.engine.store.read(into)[:, :, :, before:] if mirrored else None  # the recorder copies
             self.mirrored.discard(step_block)
             self.recorder.record(Committed(step_block, into, entries))
 
@@ -258,7 +258,7 @@ class DistributedBackend:
             return
         if mirror:
             self.mirrored.add(block)
-            self.recorder.record(Wrote(block, list(tokens), entries.to("cpu", copy=True)))
+            self.recorder.record(Wrote(block, list(tokens), entries))  # the recorder copies it to the host
         else:
             self.mirrored.discard(block)
             self.recorder.record(Wrote(block, list(tokens)))
