@@ -1,4 +1,5 @@
-"""The ``hogwild`` command: ``hogwild run "PROBLEM" ...`` and ``hogwild models pull``.
+"""The ``hogwild`` command: ``hogwild run "PROBLEM" ...``, ``hogwild models pull``, ``hogwild eval
+DATA --out DIR`` (batch evaluation, locally or as a Ray job) and ``hogwild report DIR``.
 
 Other layers add subcommands without this module importing them (imports flow one way): a
 ``Command`` is ``(add_parser, run)``; ``deploy.cli`` (the console script) passes ``serve``.
@@ -65,15 +66,45 @@ def build_parser(extra: Mapping[str, Command] | None = None) -> argparse.Argumen
     models = commands.add_parser("models", help="manage models")
     models.add_argument("action", choices=["pull"], help="pull: fetch the default model")
     models.add_argument("--force", action="store_true", help="fetch again even when present")
+    _add_eval(commands)
     for add_parser, _ in (extra or {}).values():
         add_parser(commands)
     return parser
 
 
+def _add_eval(commands) -> None:
+    ev = commands.add_parser("eval", help="accuracy vs sequential steps: hogwild vs single vs independent")
+    ev.add_argument("data", help="a JSONL file of {id, question, answer}, or builtin:N[:SEED] word problems")
+    ev.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    ev.add_argument("--out", type=Path, required=True, help="output folder (reused to resume)")
+    ev.add_argument("--methods", nargs="+", default=["hogwild", "single", "independent"],
+                    help="any of hogwild single independent (default: all three)")
+    ev.add_argument("--workers", nargs="+", type=int, default=[2], help="worker counts of hogwild/independent")
+    ev.add_argument("--budgets", nargs="+", type=int, default=[64, 128, 256],
+                    help="decode-step budgets; all read from one run per method")
+    ev.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    ev.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a model path")
+    ev.add_argument("--temperature", type=float, default=0.6, help="0 for greedy")
+    ev.add_argument("--top-p", type=float, default=0.95)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--max-step-tokens", type=int, default=128, help="longest step before it is cut")
+    ev.add_argument("--check-every", type=int, default=64, help="redundancy check every N tokens (0: off)")
+    ev.add_argument("--layout", default="combined", help="combined | contiguous | interleaved")
+    ev.add_argument("--mode", default="instant", help="instant | lagged")
+    ev.add_argument("--kv-tokens", type=int, default=None, help="KV pool of each host, in tokens")
+    ev.add_argument("--concurrency", type=int, default=8, help="problems in flight per host (default 8)")
+    ev.add_argument("--ray", action="store_true", help="run on Ray (automatic inside a Ray job)")
+    ev.add_argument("--hosts", type=int, default=0, help="Ray session hosts (0: one per GPU, else one)")
+    ev.add_argument("--ray-address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS)")
+    rep = commands.add_parser("report", help="Markdown table and plot of an eval folder")
+    rep.add_argument("out", type=Path, help="the folder given to hogwild eval --out")
+    rep.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
 def main(argv: list[str] | None = None, extra: Mapping[str, Command] | None = None) -> int:
     """Run the command line ``argv``; ``extra`` adds subcommands by name."""
     argv = sys.argv[1:] if argv is None else argv
-    handlers = {"run": _run, "models": _models, **{name: run for name, (_, run) in (extra or {}).items()}}
+    handlers = {"run": _run, "models": _models, "eval": _eval, "report": _report, **{name: run for name, (_, run) in (extra or {}).items()}}
     try:
         args = build_parser(extra).parse_args(argv)
         return handlers[args.command](args)
@@ -157,6 +188,44 @@ def _models(args: argparse.Namespace) -> int:
 
     print(pull_default_model(force=args.force))
     return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import os
+
+    from cluster.evaluation.methods import EvalSettings
+    from cluster.evaluation.run import evaluate, plan
+
+    if args.limit is not None and args.limit <= 0:
+        raise ConfigError(f"--limit must be > 0, got {args.limit}")
+    settings = EvalSettings(budgets=tuple(args.budgets), model=args.model, temperature=args.temperature,
+                            top_p=args.top_p, seed=args.seed, layout=args.layout, mode=args.mode,
+                            max_step_tokens=args.max_step_tokens, check_every=args.check_every,
+                            kv_tokens=args.kv_tokens)
+    checked = plan(args.data, args.methods, args.workers, settings, args.out, args.limit)
+    in_job = bool(os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_ADDRESS"))
+    _quiet_transformers()
+    report = evaluate(checked, concurrency=args.concurrency, hosts=args.hosts, address=args.ray_address,
+                      use_ray=args.ray or in_job)
+    print(report.read_text(encoding="utf-8"))
+    print(f"report: {report}\nplot: {report.parent / 'accuracy.png'}\nresults: {args.out / 'results.jsonl'}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from cluster.evaluation.report import write_report
+
+    text, report, plot = write_report(args.out)
+    print(text)
+    print(f"report: {report}\nplot: {plot}")
+    return 0
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 if __name__ == "__main__":

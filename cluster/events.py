@@ -74,4 +74,26 @@ class Finished(_Event):
     steps: int
 
 
-Event = Started | Delta | StepDone | Check | Tick | Finished
+@dataclass(frozen=True)
+class Probe(_Event):
+    """The finisher's answer at a checkpoint (``ProtocolConfig.checkpoints``) after ``steps`` decode
+    steps, asked on a copy of worker ``by``'s state; the session goes on. ``text`` is what it wrote."""
+
+    steps: int
+    answer: str | None
+    by: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Recovered(_Event):
+    """Lost worker actors were replaced and the session goes on; ``message`` says what happened
+    (e.g. "worker actor 1 lost; recovered in 3.2 s")."""
+
+    lost: tuple[int, ...]
+    seconds: float
+    attempt: int
+    message: str
+
+
+Event = Started | Delta | StepDone | Check | Tick | Finished | Probe | Recovered

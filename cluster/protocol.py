@@ -18,14 +18,14 @@ next step's prefix is written after it (the sample drawn after a step end is dro
 from __future__ import annotations
 
 from collections.abc import Generator, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
 from cache_service.errors import ConfigError
 from cache_service.layout import View
 from cluster.codec import Codec
 from cluster.detect import find_answer, step_ended
-from cluster.events import Check, Delta, Event, Finished, Started, StepDone, Tick
+from cluster.events import Check, Delta, Event, Finished, Probe, Started, StepDone, Tick
 from cluster.layouts import SHARED_PARTS, BlockTable, Layout, get_layout, view
 from cluster.prompts import NAMES, Templates
 
@@ -40,7 +40,9 @@ CHECK_SLACK = 16  # ... for at most this many tokens
 @dataclass(frozen=True)
 class ProtocolConfig:
     """How workers collaborate. ``max_steps`` counts decode steps (one token per worker each);
-    ``check_every`` inserts a redundancy check after that many sampled tokens (0: never)."""
+    ``check_every`` inserts a redundancy check after that many sampled tokens (0: never);
+    ``checkpoints`` (decode steps below ``max_steps``) also ask the finisher there, on a copy of the
+    state, and report its answer as a ``Probe`` while the session goes on."""
 
     workers: int = 2
     layout: str | Layout = "combined"
@@ -49,6 +51,7 @@ class ProtocolConfig:
     check_every: int = 64
     answer_tokens: int = 16
     templates: Templates = field(default_factory=Templates)
+    checkpoints: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not 1 <= self.workers <= MAX_WORKERS:
@@ -59,10 +62,20 @@ class ProtocolConfig:
         if self.check_every < 0:
             raise ConfigError(f"check_every must be >= 0 (0 switches checks off), got {self.check_every}")
         get_layout(self.layout)
+        object.__setattr__(self, "checkpoints", _checkpoints(self.checkpoints, self.max_steps))
 
     @property
     def names(self) -> tuple[str, ...]:
         return NAMES[: self.workers]
+
+
+def _checkpoints(steps: Sequence[int], max_steps: int) -> tuple[int, ...]:
+    """Checkpoints sorted and unique; each must lie in 1..max_steps-1 (max_steps is the run's own end)."""
+    out = tuple(sorted({int(s) for s in steps}))
+    wrong = [s for s in out if not 0 < s < max_steps]
+    if wrong:
+        raise ConfigError(f"checkpoints must lie between 1 and max_steps - 1 ({max_steps - 1}), got {wrong}")
+    return out
 
 
 class BlockCache(Protocol):
@@ -168,7 +181,14 @@ class Program:
         tokens = fixed + min(written, views)
         blocks = 1 + len(self.shared_ids) + sum(len(parts) + 1 for parts in self.worker_ids)
         reserved = [len(self.prompt_ids) + config.max_steps] + [config.max_step_tokens + 16] * config.workers
-        return -(-tokens // page_size) + blocks + sum(-(-r // page_size) for r in reserved)
+        probes = len(config.checkpoints) * (2 * -(-self.probe_tokens // page_size) + 1)  # kept till the end
+        return -(-tokens // page_size) + blocks + sum(-(-r // page_size) for r in reserved) + probes
+
+    @property
+    def probe_tokens(self) -> int:
+        """Most tokens a checkpoint's probe block holds: a worker's unwritten input, the finisher, the answer."""
+        longest = max(len(self.check_ids), len(self.separator_ids), len(self.prefix_ids(0, 10 ** 4)))
+        return longest + 1 + len(self.finisher_ids) + self.config.answer_tokens
 
     def prefix_ids(self, worker: int, step: int) -> list[int]:
         return self.codec.encode(self.config.templates.prefix(self.config.names[worker], step))
@@ -229,6 +249,7 @@ class _Worker:
     text: str = ""  # decoded ids, without a trailing partial character
     shown: int = 0  # characters of ``text`` already reported
     closing: bool = False  # the step ends once ``feed`` is written
+    quiet: bool = False  # a probe's copy: reports no text
     sampled: int = 0
     step_sampled: int = 0
     since_check: int = 0
@@ -262,6 +283,8 @@ class _Run:
             if found is not None:
                 yield Finished(found[1], "answer", found[0], steps)
                 return
+            if steps in self.config.checkpoints:
+                yield from self._probe(steps)
         yield from self._finish(reason, steps)
 
     # ---- decoding ----------------------------------------------------------------------------
@@ -329,7 +352,7 @@ class _Run:
 
     def _sync(self, w: _Worker, forced: bool = False) -> Iterator[Event]:
         w.text = self.p.codec.decode(w.ids).rstrip("\ufffd")
-        if len(w.text) > w.shown:
+        if len(w.text) > w.shown and not w.quiet:
             yield Delta(w.index, w.step, w.text[w.shown:], forced)
             w.shown = len(w.text)
 
@@ -344,6 +367,24 @@ class _Run:
     def _finish(self, reason: str, steps: int) -> Steps:
         """Ask the first worker for the answer and decode a few greedy tokens."""
         w = self.workers[0]
+        answer, _ = yield from self._ask(w)
+        yield Finished(answer, reason, w.index, steps)
+
+    def _probe(self, steps: int) -> Steps:
+        """The finisher at a checkpoint, on a copy of the first worker: its unwritten input, the
+        finisher and the answer go into a block of their own right after its step block (the same
+        view positions a run ending here would write), so the session goes on untouched. Greedy
+        decoding draws nothing from the workers' generators."""
+        w = self.workers[0]
+        block = self.cache.new_block(self.p.probe_tokens)
+        copy = replace(w, view=View(w.view.blocks + (block,), block), ids=list(w.ids), feed=list(w.feed),
+                       quiet=True)
+        answer, written = yield from self._ask(copy)
+        yield Probe(steps, answer, w.index, written)
+
+    def _ask(self, w: _Worker) -> Steps:
+        """Append the finisher to ``w``'s stream and decode up to ``answer_tokens`` greedy tokens;
+        returns the answer (the pattern's, else the first line written) and the text written."""
         mark = len(w.text)
         yield from self._force(w, self.p.finisher_ids)
         asked = len(w.text)
@@ -358,7 +399,8 @@ class _Run:
             answer = find_answer(w.text, self.templates.answer_re, since=mark)
             if answer is not None:
                 break
-        yield Finished(answer if answer is not None else _loose_answer(w.text[asked:]), reason, w.index, steps)
+        written = w.text[asked:]
+        return (answer if answer is not None else _loose_answer(written)), written
 
 
 def _loose_answer(text: str) -> str | None:
