@@ -50,7 +50,7 @@ class LocalExecutor:
     def __init__(self, settings: EvalSettings, concurrency: int) -> None:
         self.worker = EvalWorker(settings)
         self.concurrency = concurrency
-        self.hosts = 1
+        self.where = f"1 session host in this process, {concurrency} problems in flight"
 
     def run(self, items: Sequence[Item]) -> Iterator[dict[str, Any]]:
         todo = deque(items)
@@ -83,6 +83,8 @@ class RayExecutor:
         self.actors = [actor.remote(settings) for _ in range(self.hosts)]
         self.concurrency = concurrency
         self.ray = ray
+        self.where = (f"{self.hosts} Ray session host actor(s) ({'1 GPU' if gpus else '1 CPU'} each), "
+                      f"{concurrency} problems in flight each")
 
     def run(self, items: Sequence[Item]) -> Iterator[dict[str, Any]]:
         todo, running = deque(items), {}

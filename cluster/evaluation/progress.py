@@ -31,6 +31,10 @@ class Progress:
         share = self.done / self.total if self.total else 1.0
         return f"{self.done}/{self.total} ({share:.0%}) · {rate:.1f}/min · elapsed {_clock(elapsed)} · ETA {eta}", share
 
+    def note(self, text: str) -> None:
+        self.stream.write(f"eval: {text}\n")
+        self.stream.flush()
+
     def update(self, record: dict[str, Any]) -> None:
         self.done += 1
         text, share = self.line()

@@ -56,6 +56,7 @@ def evaluate(plan: EvalPlan, *, concurrency: int = 8, hosts: int = 0, address: s
     progress = Progress(total, total - len(items), stream)
     if items:
         executor = make_executor(plan.settings, concurrency, hosts, address, use_ray)
+        progress.note(f"{len(items)} of {total} (problem, method) runs left, on {executor.where}")
         try:
             for record in executor.run(items):
                 folder.append(record)
