@@ -9,13 +9,15 @@ admissions, the same rounds, one forward per round over all sessions' rows, whos
 over the actors (worker w on rank w % actors) and whose new K/V entries travel in one exchange per
 layer. The driver never sits in the per-token loop: each call (``host_round``) hands every actor
 the same submissions and cancellations, in one order, and runs up to ``rounds_per_call`` rounds;
-rank 0's events come back and are dispatched to the handles. A failed actor ends every open
-session with the error (``cluster.ray_session`` names the actor) and closes the gang.
+rank 0's events come back and are dispatched to the handles. A lost actor is recovered (a new
+gang replays the open sessions, see ``GangHost``); any other failure ends every open session with
+the error (``cluster.ray_session`` names the actor) and closes the gang.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -23,12 +25,14 @@ import ray
 
 from cache_service.errors import ConfigError, HogwildError
 from cache_service.planner import Mode
+from cluster.events import Recovered
 from cluster.host import MAX_WAITING, RoundHost, SessionHandle, SessionHost
 from cluster.ray_connect import PROBE_TIMEOUT_S, Address, reach
-from cluster.ray_session import RayConfig, RaySession
+from cluster.ray_session import ClusterError, RayConfig, RaySession
 from workers.actor import EngineSpec, ModelSpec, WorkerActor
 
 ROUNDS_PER_CALL = 8
+MAX_RECOVERIES = 3  # lost-actor recoveries per gang host before its sessions end with the error
 
 
 class GangWorker(WorkerActor):
@@ -64,18 +68,36 @@ class GangWorker(WorkerActor):
 
 
 class GangHost(RoundHost):
-    """Runs any number of sessions on one gang of worker actors (see the module docstring)."""
+    """Runs any number of sessions on one gang of worker actors (see the module docstring).
+
+    A lost worker actor (it died: preempted node, OOM kill, GPU fault) is recovered: the gang is
+    torn down (collective, actors, placement group), a new one is started (its bundles reserved
+    again) and every open session is replayed from its program on it. Programs are deterministic
+    and each session's sampling RNG depends only on (seed, worker), so a replay produces the same
+    events; the ones already delivered are dropped and the sessions go on where they were, after a
+    ``Recovered`` event. At most ``max_recoveries`` times per host, then the sessions end with the
+    error. (Replay recomputes each session's tokens so far; restoring caches from the CacheService
+    instead is not built.)"""
 
     def __init__(self, config: RayConfig, spec: EngineSpec, *, rounds_per_call: int = ROUNDS_PER_CALL,
-                 max_waiting: int = MAX_WAITING) -> None:
+                 max_waiting: int = MAX_WAITING, max_recoveries: int = MAX_RECOVERIES) -> None:
         super().__init__(max_waiting)
         if rounds_per_call < 1:
             raise ConfigError(f"rounds_per_call must be >= 1, got {rounds_per_call}")
-        self.rounds_per_call = rounds_per_call
+        if max_recoveries < 0:
+            raise ConfigError(f"max_recoveries must be >= 0, got {max_recoveries}")
+        self.config, self.spec = config, spec
+        self.rounds_per_call, self.max_recoveries = rounds_per_call, max_recoveries
         self.session = RaySession(config, spec, actor_class=GangWorker).start()
         self.pool_pages, self.page_size = self.session.agree("pool_pages")
         self.open: dict[int, SessionHandle] = {}
         self.remote_waiting = 0
+        self.recoveries = 0
+        self._submits: dict[int, tuple] = {}  # open sessions' submit commands, in order (for a replay)
+        self._cancelled: set[int] = set()
+        self._delivered: dict[int, int] = {}  # events handed to each open session's handle
+        self._skip: dict[int, int] = {}  # replayed events still to drop
+        self._replay: list[tuple] = []  # commands for the next call after a recovery
 
     def step(self) -> bool:
         """One call on every actor: the new commands, then up to ``rounds_per_call`` rounds."""
@@ -83,22 +105,67 @@ class GangHost(RoundHost):
             arrived, cancels = self._take_inbox()
             commands: list[tuple[Any, ...]] = [("submit", w.handle.id, w.handle.program, w.params, w.mode.value)
                                                for w in arrived]
+            self._submits.update({c[1]: c for c in commands})
             commands += [("cancel", handle.id) for handle in cancels]
+            self._cancelled.update(handle.id for handle in cancels)
+            commands, self._replay = self._replay + commands, []
             self.open.update({w.handle.id: w.handle for w in arrived})
             if not self.open:
                 return False
             try:
                 report = self.session.call("host_round", commands, self.rounds_per_call)[0]
             except HogwildError as err:  # an actor failed: the gang is gone
+                if self._recover(err):
+                    return True
                 self._end_all(err)
                 self._closed = True
                 return False
-            for sid, event in report["events"]:
-                self.open[sid]._emit(event)
-            for sid, error in report["ended"]:
-                self.open.pop(sid)._end(error)
-            self.remote_waiting = report["waiting"]
+            self._dispatch(report)
             return True
+
+    def _dispatch(self, report: dict) -> None:
+        for sid, event in report["events"]:
+            if self._skip.get(sid):
+                self._skip[sid] -= 1  # delivered before the recovery
+                continue
+            self._delivered[sid] = self._delivered.get(sid, 0) + 1
+            self.open[sid]._emit(event)
+        for sid, error in report["ended"]:
+            self.open.pop(sid)._end(error)
+            for table in (self._submits, self._delivered, self._skip):
+                table.pop(sid, None)
+            self._cancelled.discard(sid)
+        self.remote_waiting = report["waiting"]
+
+    def _recover(self, error: HogwildError) -> bool:
+        """Replace a gang that lost actors and queue the open sessions' replay; False when the
+        error is not a lost actor, or the retries are spent, or the new gang cannot start."""
+        lost = getattr(error, "lost", ())
+        if not lost or self.recoveries >= self.max_recoveries:
+            if lost:
+                error.add_note(f"gave up after {self.recoveries} recoveries (max_recoveries)")
+            return False
+        start = time.monotonic()
+        self.session.close()
+        self.recoveries += 1
+        try:
+            self.session = RaySession(self.config, self.spec, actor_class=GangWorker).start()
+            if tuple(self.session.agree("pool_pages")) != (self.pool_pages, self.page_size):
+                raise ClusterError("the replacement actors have another KV pool size; the gang cannot resume")
+        except HogwildError as err:
+            self.session.close()
+            error.add_note(f"recovery {self.recoveries} failed: {err}")
+            return False
+        self._replay = [self._submits[sid] for sid in self.open if sid in self._submits]
+        self._replay += [("cancel", sid) for sid in self.open if sid in self._cancelled]
+        self._skip = dict(self._delivered)
+        seconds = time.monotonic() - start
+        ranks = " and ".join(map(str, lost))
+        message = (f"worker actor{'s' if len(lost) > 1 else ''} {ranks} lost; recovered in {seconds:.1f} s "
+                   f"(attempt {self.recoveries} of {self.max_recoveries}; the sessions replay to where they were)")
+        for handle in self.open.values():
+            handle._emit(Recovered(tuple(lost), round(seconds, 3), self.recoveries, message))
+        return True
 
     def _busy(self) -> bool:
         return bool(self.open)

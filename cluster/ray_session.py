@@ -48,7 +48,10 @@ class ResourcesError(ClusterError):
 
 
 class ActorFailedError(ClusterError):
-    """A worker actor died or raised; the session was torn down."""
+    """A worker actor died or raised; the session was torn down. ``lost``: the ranks whose actor
+    died (empty when an actor raised: replacing actors would not help)."""
+
+    lost: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -371,6 +374,7 @@ class RaySession:
                              for reason, ranks in by_reason.items())
             error: HogwildError = ActorFailedError(f"{text}{self._also(failed)}; the session was stopped and its "
                                                    "actors removed, start it again")
+            error.lost = tuple(sorted(dead))
         elif isinstance(causes[first], HogwildError):
             error = causes[first]
             if len(failed) > 1:
