@@ -89,9 +89,9 @@ async def _complete(backend: ServeBackend, body: HogwildFields, problem: str, ki
     fmt = OpenAIFormat(kind, backend.model_id, body.stop)
     if body.stream:
         usage = body.stream_options is None or body.stream_options.include_usage
-        return StreamingResponse(_stream(handle, fmt, usage, request), media_type="text/event-stream",
+        return StreamingResponse(_stream(backend, handle, fmt, usage, request), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    async with aclosing(session_events(handle, request.is_disconnected)) as batches:
+    async with aclosing(session_events(handle, request.is_disconnected, backend.cancel)) as batches:
         async for batch in batches:
             for event in batch:
                 fmt.chunks(event)  # keeps the prompt size and the finisher for the response
@@ -100,10 +100,10 @@ async def _complete(backend: ServeBackend, body: HogwildFields, problem: str, ki
     return JSONResponse(fmt.response(handle.builder.result()))
 
 
-async def _stream(handle, fmt: OpenAIFormat, usage: bool, request: Request):
+async def _stream(backend: ServeBackend, handle, fmt: OpenAIFormat, usage: bool, request: Request):
     """SSE: the chunks of each batch of events in one write, then the finish, usage and [DONE]."""
     try:
-        async with aclosing(session_events(handle, request.is_disconnected)) as batches:
+        async with aclosing(session_events(handle, request.is_disconnected, backend.cancel)) as batches:
             async for batch in batches:
                 text = "".join(sse(chunk) for event in batch for chunk in fmt.chunks(event))
                 if text:

@@ -49,6 +49,7 @@ class ServeBackend:
         self.host, self.info, self.config = host, info, config
         self.codec: Codec = codec_for(info.tokenizer, info.config.vocab_size)
         self.model_id = config.served_name or info.name
+        self.cancelled = 0  # sessions stopped because their client left
 
     def knows(self, model: str | None) -> bool:
         """Whether ``model`` names this endpoint's model (None: the client left it to the server)."""
@@ -90,9 +91,14 @@ class ServeBackend:
         program = self.program(problem, options)
         return self.host.submit(program, self.sampling(options), options.mode or self.config.mode)
 
+    def cancel(self, handle: SessionHandle) -> None:
+        """Stop a session whose client left (counted in ``stats``)."""
+        self.cancelled += 1
+        handle.cancel()
+
     def stats(self) -> dict:
         stats = getattr(self.host, "stats", None)
-        return stats() if stats else {}
+        return {**(stats() if stats else {}), "cancelled": self.cancelled}
 
     def close(self) -> None:
         self.host.close()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator, model_validator
 
 MAX_STOP = 4
 
@@ -50,16 +50,16 @@ class HogwildFields(BaseModel):
     model: str | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    temperature: StrictFloat | None = Field(default=None, ge=0, le=2)
+    top_p: StrictFloat | None = Field(default=None, gt=0, le=1)
     seed: StrictInt | None = Field(default=None, ge=0, le=2**63 - 1)
     max_tokens: StrictInt | None = Field(default=None, gt=0)
     max_completion_tokens: StrictInt | None = Field(default=None, gt=0)
     stop: str | list[str] | None = None
     n: StrictInt = Field(default=1, ge=1, le=1, description="one answer per request; use workers for parallelism")
     user: str | None = None
-    presence_penalty: float = Field(default=0, ge=0, le=0)
-    frequency_penalty: float = Field(default=0, ge=0, le=0)
+    presence_penalty: StrictFloat = Field(default=0, ge=0, le=0)
+    frequency_penalty: StrictFloat = Field(default=0, ge=0, le=0)
     logprobs: Literal[False] | None = None
     # Hogwild extras
     workers: StrictInt | None = Field(default=None, ge=1)

@@ -29,13 +29,14 @@ DISCONNECT_CHECK_S = 0.5
 FINISH_REASONS = {"answer": "stop", "budget": "length", "context": "length"}
 
 
-async def session_events(handle: SessionHandle,
-                         disconnected: Callable[[], Awaitable[bool]] | None = None) -> AsyncIterator[list[Event]]:
+async def session_events(handle: SessionHandle, disconnected: Callable[[], Awaitable[bool]] | None = None,
+                         cancel: Callable[[SessionHandle], None] | None = None) -> AsyncIterator[list[Event]]:
     """The handle's events in batches (what arrived since the last look), from asyncio, without
     parking a thread per session (a queued session may wait long; ``aevents`` would hold one of the
     event loop's few executor threads all that time). Ends as ``events()`` does (raising what ended
     the session); stops, cancelling the session, when ``disconnected()`` says the client is gone or
-    when the consumer stops early (the generator is closed or its task cancelled)."""
+    when the consumer stops early (the generator is closed or its task cancelled): ``cancel(handle)``,
+    by default ``handle.cancel()``."""
     delay, checked = POLL_MIN_S, time.monotonic()
     try:
         while True:
@@ -57,7 +58,7 @@ async def session_events(handle: SessionHandle,
             delay = min(delay * 2, POLL_MAX_S)
     finally:
         if not handle.done.is_set():
-            handle.cancel()
+            (cancel or SessionHandle.cancel)(handle)
 
 
 def cut_at_stop(text: str, stops: list[str] | None) -> tuple[str, bool]:

@@ -38,10 +38,10 @@ def url():
 
     from deploy.cli import start, stop
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     try:
-        config = ServeConfig(model=TINY, kv_tokens=1 << 15, max_steps=10, max_steps_limit=128, max_workers=4,
-                             max_step_tokens=6, check_every=4)
+        config = ServeConfig(model=TINY, kv_tokens=1 << 15, max_steps=10, max_steps_limit=2000, max_workers=4,
+                             max_step_tokens=6, check_every=4, max_prompt_chars=2000)
         yield start(config, host="127.0.0.1", port=_free_port())
     finally:
         stop()
@@ -111,13 +111,15 @@ def test_eight_concurrent_streams_each_equal_their_run_alone(http):
 
 def test_a_client_that_leaves_frees_its_sessions_blocks(http):
     before = http.get("/health").json()
-    with http.stream("POST", CHAT, json={**ask(workers=3), "max_steps": 128, "stream": True}) as response:
+    body = {**ask(workers=4), "max_steps": 2000, "stream": True}  # would run for tens of seconds
+    with http.stream("POST", CHAT, json=body) as response:
         seen = [line for _, line in zip(range(8), response.iter_lines())]
         assert any(line.startswith("data: ") for line in seen)
         assert http.get("/health").json()["live"] == 1
     deadline = time.monotonic() + 30
     while (health := http.get("/health").json())["live"] and time.monotonic() < deadline:
         time.sleep(0.1)
+    assert health["cancelled"] == before["cancelled"] + 1  # stopped because the client left, not by its end
     assert health["live"] == 0 and health["used_pages"] == before["used_pages"] and health["claimed_pages"] == 0
 
 
@@ -167,3 +169,29 @@ def test_the_live_page_streams_every_worker_in_headless_chromium(url, tmp_path):
         finally:
             browser.close()
     assert (shots / "live_page.png").stat().st_size > 10_000
+
+
+def test_a_gang_replica_starts_its_actors_in_the_replicas_placement_group(http):
+    from ray import serve
+    from ray.util import placement_group_table
+
+    from deploy.serve_app import HogwildDeployment, deployment_options
+
+    def created() -> dict:
+        return {k: v for k, v in placement_group_table().items() if v["state"] == "CREATED"}
+
+    config = ServeConfig(model=TINY, kv_tokens=1 << 14, max_steps=10, max_workers=4, max_step_tokens=6,
+                         check_every=4, actors=1)
+    before = created()
+    options = deployment_options(config, "cpu")
+    assert len(options["placement_group_bundles"]) == 3  # the replica, one worker actor, the cache service
+    serve.run(HogwildDeployment.options(name="gang", **options).bind(config), name="gang", route_prefix="/gang")
+    try:
+        whole = http.post("/gang" + CHAT, json=ask(PROBLEMS[3], workers=3)).json()
+        chunks = stream(http, ask(PROBLEMS[3], workers=3), "/gang" + CHAT)
+        texts = choice_texts(chunks[:-1])
+        assert [texts[i] for i in range(3)] == [w["text"] for w in whole["hogwild"]["workers"]]
+        new = [g for k, g in created().items() if k not in before]
+        assert len(new) == 1 and len(new[0]["bundles"]) == 3  # Serve's group only: the gang reserved none
+    finally:
+        serve.delete("gang")
