@@ -40,7 +40,7 @@ def build_parser(extra: Mapping[str, Command] | None = None) -> argparse.Argumen
     parser.add_argument("--debug", action="store_true", help="print the traceback of unexpected errors")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="solve a problem with N workers, shown live")
-    run.add_argument("problem", help="the problem to solve")
+    run.add_argument("problem", nargs="?", default=None, help="the problem to solve (none with --resume)")
     run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     run.add_argument("--workers", type=int, default=2, help="number of workers, 1..8 (default 2)")
     run.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a model path")
@@ -63,6 +63,10 @@ def build_parser(extra: Mapping[str, Command] | None = None) -> argparse.Argumen
     run.add_argument("--ray-address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else local)")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of the live view")
     run.add_argument("--transcript", type=Path, help="also save the transcript (.json or .md)")
+    run.add_argument("--save", type=Path, default=None,
+                     help="save the session to this file every --save-every decode steps (resume with --resume)")
+    run.add_argument("--save-every", type=int, default=16, help="decode steps between saves (default 16)")
+    run.add_argument("--resume", type=Path, default=None, help="continue a session saved with --save")
     models = commands.add_parser("models", help="manage models")
     models.add_argument("action", choices=["pull"], help="pull: fetch the default model")
     models.add_argument("--force", action="store_true", help="fetch again even when present")
@@ -130,7 +134,8 @@ def _run(args: argparse.Namespace) -> int:
 
     hf_logging.disable_progress_bar()  # the terminal belongs to the live view (and stderr to errors)
     hf_logging.set_verbosity_error()
-    session = Session(args.problem, _config(args), runner=_runner(args))
+    session = _saved_session(args) if args.save or args.resume else Session(args.problem, _config(args),
+                                                                             runner=_runner(args))
     view = None if args.json else _live_view()
     for event in session.events():
         if view:
@@ -156,6 +161,19 @@ def _config(args: argparse.Namespace):
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     pool = PoolConfig(tokens=args.kv_tokens, page_size=args.kv_page_size, memory_fraction=args.kv_memory_fraction)
     return SessionConfig(protocol=protocol, sampling=sampling, model=args.model, mode=args.mode, pool=pool)
+
+
+def _saved_session(args: argparse.Namespace):
+    """A session that saves itself (``--save``) or continues a saved one (``--resume``)."""
+    from cluster.resume import SavedSession
+
+    if args.actors:
+        raise ConfigError("--save and --resume run the session in this process; leave out --actors")
+    if args.resume:
+        if args.problem is not None:
+            raise ConfigError("--resume continues the saved problem; leave out the problem")
+        return SavedSession.resume(args.resume, save_to=args.save, every=args.save_every)
+    return SavedSession.new(args.problem, _config(args), save_to=args.save, every=args.save_every)
 
 
 def _runner(args: argparse.Namespace):

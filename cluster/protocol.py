@@ -18,7 +18,7 @@ next step's prefix is written after it (the sample drawn after a step end is dro
 from __future__ import annotations
 
 from collections.abc import Generator, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Protocol
 
 from cache_service.errors import ConfigError
@@ -166,6 +166,14 @@ class Program:
         """The session as a generator of events and requests (see the module docstring)."""
         return _Run(self, cache).events()
 
+    def open_run(self, cache: BlockCache) -> "_Run":
+        """The run itself: ``events()`` is what ``start`` returns, ``state()`` saves it (issue 13)."""
+        return _Run(self, cache)
+
+    def resume(self, cache: BlockCache, state: dict) -> Steps:
+        """``start`` continued from a ``_Run.state()`` on a cache restored with the run's blocks."""
+        return _Run(self, cache).resume(state)
+
     def worst_case_pages(self, page_size: int) -> int:
         """Pool pages this session can ever hold at once (what a host admits it by): every token
         it can write, or what its views can hold, whichever is less, plus page rounding and the
@@ -265,6 +273,30 @@ class _Run:
         self.cache = cache
         self.table: BlockTable | None = None
         self.workers: list[_Worker] = []
+        self.steps = 0  # decode steps done
+        self.boundary = False  # waiting for a decode step's tokens (``state`` is valid)
+
+    # ---- saving and resuming (additive: issue 13) ----------------------------------------------
+    def state(self) -> dict:
+        """Plain data (msgpack-able) to resume this run with ``Program.resume``; valid only while
+        it waits for the tokens of a decode step (``boundary``): the request is made again."""
+        if not self.boundary:
+            raise ConfigError("a run can be saved only while it waits for a decode step's tokens")
+        t = self.table
+        names = [f.name for f in fields(_Worker) if f.name != "view"]
+        return {"steps": self.steps,
+                "table": {"common": t.common, "shared": dict(t.shared), "workers": [dict(w) for w in t.workers]},
+                "workers": [{name: getattr(w, name) for name in names} for w in self.workers]}
+
+    def resume(self, state: dict) -> Steps:
+        """Continue a run saved by ``state`` on a cache that holds its blocks."""
+        t = state["table"]
+        self.table = BlockTable(int(t["common"]), {str(k): int(v) for k, v in t["shared"].items()},
+                                tuple({str(k): int(v) for k, v in parts.items()} for parts in t["workers"]))
+        self.workers = [_Worker(**{**w, "ids": list(w["ids"]), "feed": list(w["feed"]),
+                                   "view": view(self.p.layout, self.table, int(w["index"]))})
+                        for w in state["workers"]]
+        yield from self._loop(int(state["steps"]))
 
     def events(self) -> Steps:
         self.table = yield from allocate_blocks(self.p, self.cache)
@@ -272,11 +304,16 @@ class _Run:
         yield Started(self.config.names, self.p.layout.name, len(self.p.prompt_ids), self.config.max_steps)
         for worker in self.workers:
             yield from self._begin_step(worker)
-        steps, reason = 0, "budget"
+        yield from self._loop(0)
+
+    def _loop(self, steps: int) -> Steps:
+        """Decode steps from ``steps`` on, then the end (``resume`` enters here)."""
+        reason = "budget"
         while steps < self.config.max_steps:
             if not self._fits():
                 reason = "context"
                 break
+            self.steps = steps
             found = yield from self._decode_step()
             steps += 1
             yield Tick(steps, self.config.max_steps, tuple(w.sampled for w in self.workers))
@@ -291,7 +328,9 @@ class _Run:
     def _decode_step(self) -> Steps:
         """One token per worker; returns ``(worker, answer)`` of the first worker that answered."""
         rows = tuple((w.view, tuple(w.feed)) for w in self.workers)
+        self.boundary = True  # suspended here, the run can be saved (``state``)
         tokens = yield Decode(rows, tuple(w.index for w in self.workers), suppress=tuple(self.p.codec.stop_ids))
+        self.boundary = False
         found = None
         for worker, token in zip(self.workers, tokens, strict=True):
             answer = yield from self._advance(worker, token)

@@ -1,0 +1,187 @@
+"""Saving a running session to a file and continuing it later, in another process (issue 13).
+
+    session = SavedSession.new(problem, config, save_to="s.hwkv", every=16)   # rewritten every 16 steps
+    for event in session.events(): ...
+    session = SavedSession.resume("s.hwkv")                  # continues where the file was written
+    result = session.result()                                # equals an uninterrupted run's
+
+A session file is a cache snapshot (``cache_service.snapshot``: a msgpack header and raw tensor
+bytes, never pickle): every block of the cache (prompt, committed history, each worker's unfinished
+step) and, in its metadata, the session (problem and config), the ``RunState`` (decode steps done,
+the protocol's run state, each worker's sampling RNG state) and the events reported so far (the
+transcript is rebuilt from them). A file is written while the run waits for a decode step's tokens,
+so the resumed run makes that request again and goes on exactly as the saved one would have.
+Sessions in this process only (not ``--actors``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import cluster.events as events_module
+from cache_service.errors import ConfigError
+from cache_service.kv_store import PoolConfig
+from cache_service.service import RunState
+from cache_service.snapshot import KVSnapshot, SnapshotError, capture, restore
+from cluster.codec import codec_for
+from cluster.events import Event
+from cluster.layouts import Layout
+from cluster.protocol import Decode, Prefill, Program, ProtocolConfig, check_problem
+from cluster.prompts import Templates
+from cluster.session import SessionConfig, open_model
+from cluster.transcript import SessionResult, TranscriptBuilder
+from workers.backend import LocalBackend
+from workers.engine import HogwildEngine
+from workers.model import LoadedModel
+from workers.sampling import SamplingParams
+
+KIND = "hogwild-session"
+PROTOCOL_FIELDS = ("workers", "layout", "max_steps", "max_step_tokens", "check_every", "answer_tokens",
+                   "checkpoints")
+
+
+class SavedSession:
+    """A session in this process that saves itself every ``every`` decode steps (when ``save_to``)."""
+
+    def __init__(self, program: Program, config: SessionConfig, lm: LoadedModel, *, save_to: str | Path | None,
+                 every: int, past: list[Event] | None = None, snapshot: KVSnapshot | None = None) -> None:
+        _check_every(save_to, every)
+        self.program, self.config, self.lm = program, config, lm
+        self.save_to, self.every = (Path(save_to) if save_to else None), every
+        self.past = list(past or [])
+        engine = HogwildEngine(lm, mode=config.mode, pool=config.pool)
+        self.backend = LocalBackend(engine, config.sampling, config.protocol.workers)
+        self.run = program.open_run(self.backend)
+        if snapshot is None:
+            self.steps = self.run.events()
+        else:
+            restore(engine.store, snapshot)
+            state = RunState.from_dict(snapshot.meta["run"])
+            for worker, blob in state.rng.items():
+                self.backend.generators[worker].set_state(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
+            self.steps = self.run.resume(state.protocol)
+        self.resumed_at = state.steps if snapshot is not None else 0  # decode steps done before
+        self.builder = TranscriptBuilder(program.problem, time.perf_counter())
+        self._stream: Iterator[Event] | None = None
+        self._saved_at = self.resumed_at
+
+    @classmethod
+    def new(cls, problem: str, config: SessionConfig, *, save_to: str | Path, every: int,
+            lm: LoadedModel | None = None) -> "SavedSession":
+        check_problem(problem)  # before the (slow) model load
+        _check_every(save_to, every)
+        _check_saveable(config)
+        lm = lm or open_model(config.model)
+        program = Program(problem, config.protocol, codec_for(lm.info.tokenizer, lm.info.config.vocab_size),
+                          lm.info.max_context)
+        return cls(program, config, lm, save_to=save_to, every=every)
+
+    @classmethod
+    def resume(cls, path: str | Path, *, save_to: str | Path | None = None, every: int = 16,
+               lm: LoadedModel | None = None) -> "SavedSession":
+        """The session saved in ``path``, continuing (and saving on into ``save_to``, if given)."""
+        _check_every(save_to, every)
+        snapshot = KVSnapshot.load(path)
+        meta = snapshot.meta
+        if meta.get("kind") != KIND or "run" not in meta:
+            raise SnapshotError(f"{path} is not a saved session; give a file written by `hogwild run --save`")
+        problem, config = meta["problem"], config_from(meta["config"])
+        lm = lm or open_model(config.model)
+        program = Program(problem, config.protocol, codec_for(lm.info.tokenizer, lm.info.config.vocab_size),
+                          lm.info.max_context)
+        past = [event_from(d) for d in meta["events"]]
+        return cls(program, config, lm, save_to=save_to, every=every, past=past, snapshot=snapshot)
+
+    # ---- the Session interface ---------------------------------------------------------------
+    def events(self) -> Iterator[Event]:
+        if self._stream is None:
+            self._stream = self._run()
+        return self._stream
+
+    def result(self) -> SessionResult:
+        for _ in self.events():
+            pass
+        return self.builder.result()
+
+    def _run(self) -> Iterator[Event]:
+        for event in self.past:  # what the saved run reported: the view and transcript see it again
+            self.builder.add(event, time.perf_counter())
+            yield event
+        reply = None
+        while True:
+            try:
+                item = self.steps.send(reply)
+            except StopIteration:
+                return
+            reply = None
+            if isinstance(item, Prefill):
+                self.backend.prefill(item.block, item.tokens, item.context)
+            elif isinstance(item, Decode):
+                self._maybe_save()
+                reply = self.backend.step(item.rows, item.workers, greedy=item.greedy, suppress=item.suppress)
+            else:
+                self.builder.add(item, time.perf_counter())
+                self.past.append(item)
+                yield item
+
+    def _maybe_save(self) -> None:
+        steps = self.run.steps
+        if self.save_to is None or not self.run.boundary or steps == self._saved_at or steps % self.every:
+            return
+        self.save(self.save_to)
+        self._saved_at = steps
+
+    def save(self, path: str | Path) -> Path:
+        """Write the session as it is now (while its run waits for a decode step)."""
+        store = self.backend.engine.store
+        rng = {w: g.get_state().numpy().tobytes() for w, g in enumerate(self.backend.generators)}
+        state = RunState(self.run.steps, self.run.state(), rng)
+        meta = {"kind": KIND, "problem": self.program.problem, "config": config_meta(self.config),
+                "run": state.to_dict(), "events": [event.to_dict() for event in self.past]}
+        return KVSnapshot(capture(store), max(store.blocks, default=-1) + 1, meta).save(path)
+
+
+# ---- plain data for the file ---------------------------------------------------------------------
+def _check_every(save_to: str | Path | None, every: int) -> None:
+    if save_to is not None and every < 1:
+        raise ConfigError(f"--save-every must be >= 1 decode steps, got {every}")
+
+
+def _check_saveable(config: SessionConfig) -> None:
+    protocol = config.protocol
+    if isinstance(protocol.layout, Layout) or protocol.templates != Templates():
+        raise ConfigError("only sessions with a layout by name and the default templates can be saved")
+
+
+def config_meta(config: SessionConfig) -> dict:
+    """A ``SessionConfig`` as msgpack-able data (layouts by name, default templates)."""
+    _check_saveable(config)
+    return {"protocol": {name: getattr(config.protocol, name) for name in PROTOCOL_FIELDS},
+            "sampling": asdict(config.sampling), "model": config.model, "mode": config.mode,
+            "pool": asdict(config.pool)}
+
+
+def config_from(data: dict) -> SessionConfig:
+    try:
+        protocol = ProtocolConfig(**{**data["protocol"], "checkpoints": tuple(data["protocol"]["checkpoints"])})
+        return SessionConfig(protocol=protocol, sampling=SamplingParams(**data["sampling"]), model=data["model"],
+                             mode=data["mode"], pool=PoolConfig(**data["pool"]))
+    except (KeyError, TypeError) as err:
+        raise SnapshotError(f"the saved session's config is malformed ({err!r}); the file is damaged") from None
+
+
+def event_from(data: dict) -> Event:
+    """An event from its ``to_dict()`` (lists back to tuples where the field is a tuple)."""
+    data = dict(data)
+    cls: Any = getattr(events_module, str(data.pop("type", "")), None)
+    if cls is None or not hasattr(cls, "to_dict"):
+        raise SnapshotError(f"the saved session holds an unknown event {data!r}; the file is damaged")
+    values = {f.name: (tuple(data[f.name]) if isinstance(data.get(f.name), list) else data.get(f.name))
+              for f in fields(cls)}
+    return cls(**values)
