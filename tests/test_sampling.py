@@ -155,3 +155,27 @@ def test_top_p_from_candidates_equals_a_full_sort(spread, top_p):
     expected = _top_p_by_full_sort(logits, top_p).isfinite()
     assert torch.equal(kept, expected)
     assert kept.sum() > (TOP_P_CANDIDATES if spread < 1 else 0)  # the flat case keeps more than the candidates
+
+
+def test_top_p_mixes_rows_from_candidates_and_from_a_full_sort():
+    generator = torch.Generator().manual_seed(4)
+    logits = torch.randn(6, 49152, generator=generator) * torch.tensor([8.0, 0.01, 8.0, 0.01, 8.0, 8.0])[:, None]
+    kept = filter_logits(logits, SamplingParams(temperature=0.7, top_p=0.9)).isfinite()
+    assert torch.equal(kept, _top_p_by_full_sort(logits / 0.7, 0.9).isfinite())
+
+
+def test_top_k_then_top_p_renormalises_over_the_top_k():
+    logits = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1]]))
+    # over the top 2 (0.4, 0.3 -> 0.57, 0.43), top-p 0.5 keeps the first only
+    kept = filter_logits(logits, SamplingParams(temperature=1.0, top_k=2, top_p=0.5)).isfinite()
+    assert kept.tolist() == [[True, False, False, False]]
+    kept = filter_logits(logits, SamplingParams(temperature=1.0, top_k=3, top_p=0.6)).isfinite()
+    assert kept.tolist() == [[True, True, False, False]]
+
+
+def test_sampling_follows_the_distribution_of_the_candidates():
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.1, 0.0]]))
+    generator = torch.Generator().manual_seed(0)
+    drawn = [sample(logits, SamplingParams(temperature=1.0), [generator])[0] for _ in range(6000)]
+    shares = [drawn.count(t) / len(drawn) for t in range(4)]
+    assert shares[3] == 0 and abs(shares[0] - 0.6) < 0.03 and abs(shares[1] - 0.3) < 0.03

@@ -43,27 +43,36 @@ def candidates(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tens
 
     Top-p keeps each row's most likely tokens up to (and including) the one whose cumulative
     probability reaches ``top_p``. It first looks at the ``TOP_P_CANDIDATES`` most likely tokens
-    (a partial sort), which hold that set whenever their mass reaches ``top_p``; otherwise it sorts
-    the vocabulary. Either way the result equals a full sort's."""
+    (a partial sort), which hold that set whenever their mass reaches ``top_p``; the rows where it
+    does not sort their whole vocabulary. Either way the result equals a full sort's."""
     logits = logits.float() / params.temperature
     vocab = logits.shape[-1]
-    if params.top_k:
-        values, ids = torch.topk(logits, min(params.top_k, vocab), dim=-1)
-        total = None  # top-p renormalises over the top-k tokens
-    elif params.top_p < 1:
-        values, ids = torch.topk(logits, min(TOP_P_CANDIDATES, vocab), dim=-1)
-        total = (logits - values[:, :1]).exp_().sum(-1, keepdim=True)  # the softmax's denominator
-    else:
-        return logits, torch.arange(vocab, device=logits.device).expand_as(logits)
-    if params.top_p < 1:
-        probs = values.softmax(-1) if total is None else (values - values[:, :1]).exp_().div_(total)
-        cumulative = probs.cumsum(-1)
-        if values.shape[-1] < vocab and total is not None and not bool((cumulative[:, -1] >= params.top_p).all()):
-            values, ids = torch.sort(logits, dim=-1, descending=True)
-            probs = values.softmax(-1)
-            cumulative = probs.cumsum(-1)
-        values = values.masked_fill(cumulative - probs >= params.top_p, float("-inf"))  # keep the crossing one
-    return values, ids
+    every = torch.arange(vocab, device=logits.device).expand_as(logits)
+    if not params.top_k and params.top_p == 1:
+        return logits, every
+    values, ids = torch.topk(logits, min(params.top_k or TOP_P_CANDIDATES, vocab), dim=-1)  # descending
+    if params.top_p == 1:
+        return values, ids
+    if params.top_k:  # top-p renormalises over the top-k tokens
+        return _top_p(values, values.softmax(-1), params.top_p), ids
+    total = (logits - values[:, :1]).exp_().sum(-1, keepdim=True)  # the softmax's denominator
+    probs = (values - values[:, :1]).exp_().div_(total)
+    short = probs.sum(-1) < params.top_p  # rows whose candidates miss part of the kept set
+    values = _top_p(values, probs, params.top_p)
+    if not bool(short.any()):
+        return values, ids
+    full = torch.full_like(logits, float("-inf")).scatter_(-1, ids, values)
+    rows = short.nonzero().flatten()
+    ordered, order = torch.sort(logits[rows], dim=-1, descending=True)
+    full[rows] = full[rows].scatter_(-1, order, _top_p(ordered, ordered.softmax(-1), params.top_p))
+    return full, every
+
+
+def _top_p(ordered: torch.Tensor, probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Descending ``ordered`` logits (with their probabilities ``probs``) cut after the one whose
+    cumulative probability reaches ``top_p`` (that one kept)."""
+    cumulative = probs.cumsum(-1)
+    return ordered.masked_fill(cumulative - probs >= top_p, float("-inf"))
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -75,9 +84,12 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 def sample(
     logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]
 ) -> list[int]:
-    """One token per row of ``logits``; row i draws from ``generators[i]`` among its candidates."""
+    """One token per row of ``logits``; row i draws from ``generators[i]`` (one uniform number per
+    draw, inverted through the cumulative probabilities of the row's candidates: all rows at once)."""
     if params.temperature == 0:
         return logits.argmax(-1).tolist()
     values, ids = candidates(logits, params)
-    probs, ids = values.softmax(-1).cpu(), ids.cpu()
-    return [int(row_ids[torch.multinomial(p, 1, generator=g)]) for p, row_ids, g in zip(probs, ids, generators)]
+    cumulative = values.softmax(-1).cumsum(-1)
+    uniform = torch.stack([torch.rand((), generator=g) for g in generators]).to(cumulative.device)
+    pick = torch.searchsorted(cumulative, (uniform * cumulative[:, -1])[:, None], right=True)
+    return ids.gather(-1, pick.clamp_(max=ids.shape[-1] - 1)).flatten().tolist()
