@@ -93,7 +93,7 @@ def test_a_killed_actor_is_replaced_and_the_session_is_unchanged(tiny, no_leaks,
     target = program(tiny, PROBLEMS[0], workers=2, max_steps=60)
     want = local(tiny, target, sampling, mode)
     with GangHost(RayConfig((1, 1)), SPEC) as host:
-        got, recovered = run_with_kills(host, host.submit(target, sampling, mode), [rng.randrange(2, 30)], rng)
+        got, recovered = run_with_kills(host, host.submit(target, sampling, mode), [rng.randrange(2, 20)], rng)
         assert host.recoveries == 1
     assert got == want, f"seed {seed}"
     assert len(recovered) == 1 and recovered[0].message.startswith("worker actor ")
