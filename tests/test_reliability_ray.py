@@ -116,11 +116,14 @@ def test_pushes_wait_on_the_oldest_past_the_bound(ray_cluster):
 
 
 @pytest.mark.ray
-def test_a_dead_service_is_a_clear_error(ray_cluster):
+def test_a_dead_service_does_not_stop_rank_0_but_saving_says_why(ray_cluster):
     service = ray.remote(CacheService).options(num_cpus=0.1).remote()
-    recorder = ServiceRecorder(service)
+    recorder = ServiceRecorder(service, max_in_flight=1)
     ray.get(service.ping.remote())
     ray.kill(service)
-    recorder.record(Wrote(0, [1]))
-    with pytest.raises(HogwildError, match="the cache service died"):
+    for i in range(5):  # past the bound: the oldest push is waited on and found dead
+        recorder.record(Wrote(0, [i]))
+        recorder.flush()
+    assert recorder.lost is not None and not recorder.buffer
+    with pytest.raises(HogwildError, match="the cache service died .*cannot be saved"):
         recorder.sync(timeout_s=20)

@@ -91,6 +91,8 @@ class ServiceRecorder:
     * Records are pushed in batches, fire-and-forget, in order.
     * Back-pressure: at most ``max_in_flight`` pushes are unapplied; past that, the oldest is waited
       for, so a slow service slows rank 0 down instead of growing memory without bound.
+    * A dead service does not stop the session (it is off the critical path): the recorder stops
+      recording, and ``sync`` (before a snapshot) says the session cannot be saved.
     """
 
     def __init__(self, service: Any, max_in_flight: int = MAX_IN_FLIGHT, timeout_s: float = 60.0) -> None:
@@ -100,8 +102,11 @@ class ServiceRecorder:
         self.buffer: list[tuple[Record, torch.cuda.Event | None]] = []
         self.in_flight: deque = deque()  # ObjectRefs of pushes not yet known to be applied
         self.waits = 0  # times back-pressure made rank 0 wait (benchmarks read it)
+        self.lost: str | None = None  # why the service is gone, once it is
 
     def record(self, record: Record) -> None:
+        if self.lost is not None:
+            return
         self.buffer.append(_to_host(record))
         if len(self.buffer) >= RECORD_BATCH:
             self.flush()
@@ -129,8 +134,13 @@ class ServiceRecorder:
         self.flush(wait=True)
         while self.in_flight:
             self._settle(self.in_flight.popleft(), timeout_s or self.timeout_s)
+        if self.lost is not None:
+            raise HogwildError(f"the cache service died ({self.lost}); the session goes on but cannot be "
+                               "saved: start it again to save it")
 
     def _push(self, records: list[Record]) -> None:
+        if self.lost is not None:
+            return
         self.in_flight.append(self.service.apply.remote(records))
         while len(self.in_flight) > self.max_in_flight:
             self.waits += 1
@@ -143,8 +153,8 @@ class ServiceRecorder:
             raise HogwildError(f"the cache service did not apply rank 0's records within {timeout_s:.0f}s; "
                                "it is overloaded or stuck: check its node") from None
         except ray.exceptions.RayActorError as err:
-            raise HogwildError(f"the cache service died ({str(err).strip().splitlines()[0][:200]}); "
-                               "the session cannot be saved: start it again") from None
+            self.lost = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            self.buffer, self.in_flight = [], deque()
 
 
 def _to_host(record: Record) -> tuple[Record, "torch.cuda.Event | None"]:
