@@ -22,7 +22,7 @@ from cluster.evaluation.answers import majority, normalize, same
 from cluster.evaluation.data import builtin_problems, load_problems
 from cluster.evaluation.methods import EvalSettings, Method, Trace, parse_methods
 from cluster.evaluation.metrics import header_pattern, readability, sampled_lines, scaffolding
-from cluster.evaluation.report import wilson, write_report
+from cluster.evaluation.report import wilson
 from cluster.evaluation.run import evaluate, plan
 from cluster.events import Delta, Finished, Probe, Started, Tick
 from cluster.host import SessionHost
@@ -311,3 +311,35 @@ def test_methods_are_parsed():
     assert [m.name for m in parse_methods(["hogwild", "single", "independent"], [2, 4])] == [
         "hogwild-2", "hogwild-4", "single", "independent-2", "independent-4"]
     assert Method("independent", 3).sessions == 3 and Method("hogwild", 3).session_workers == 3
+
+
+@pytest.mark.parametrize("max_steps, every", [(40, 5), (2000, 40)])  # 2000: the context ends the run
+def test_probes_stay_within_the_worst_case_a_session_is_admitted_by(tiny, max_steps, every):
+    protocol = ProtocolConfig(workers=3, max_steps=max_steps, max_step_tokens=12, check_every=0,
+                              templates=NO_ANSWERS, checkpoints=tuple(range(every, max_steps, every)))
+    prog = Session("Spell 'cat' backwards.", SessionConfig(protocol=protocol), lm=tiny).program
+    h = SessionHost(HogwildEngine(tiny, pool=PoolConfig(tokens=1 << 16)))
+    handle = h.submit(prog, SamplingParams(temperature=1.0, seed=2))
+    peak = 0
+    while not handle.done.is_set():
+        h.step()
+        peak = max(peak, h.engine.store.used_pages)
+    events = list(handle.events())
+    assert 0 < peak <= prog.worst_case_pages(16)
+    assert sum(isinstance(e, Probe) for e in events) >= 2
+    assert events[-1].reason == ("context" if max_steps == 2000 else "budget")
+
+
+def test_progress_bar_on_a_terminal_and_lines_in_a_log():
+    import io
+
+    from cluster.evaluation.progress import Progress
+
+    record = {"id": "p1", "method": "single", "error": None, "budgets": {"32": {"correct": True}}}
+    bar, log = io.StringIO(), io.StringIO()
+    for stream, tty in ((bar, True), (log, False)):
+        progress = Progress(4, done=1, stream=stream, tty=tty)
+        progress.update(record)
+        progress.close()
+    assert bar.getvalue().startswith("\r[##############..............] 2/4 (50%)") and "ETA" in bar.getvalue()
+    assert log.getvalue().startswith("eval: 2/4 (50%)") and log.getvalue().endswith("p1 single: 32:ok\n")
