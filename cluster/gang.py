@@ -141,21 +141,23 @@ class GangHost(RoundHost):
         """Replace a gang that lost actors and queue the open sessions' replay; False when the
         error is not a lost actor, or the retries are spent, or the new gang cannot start."""
         lost = getattr(error, "lost", ())
-        if not lost or self.recoveries >= self.max_recoveries:
-            if lost:
-                error.add_note(f"gave up after {self.recoveries} recoveries (max_recoveries)")
+        if not lost:
             return False
         start = time.monotonic()
         self.session.close()
-        self.recoveries += 1
-        try:
-            self.session = RaySession(self.config, self.spec, actor_class=GangWorker).start()
-            if tuple(self.session.agree("pool_pages")) != (self.pool_pages, self.page_size):
-                raise ClusterError("the replacement actors have another KV pool size; the gang cannot resume")
-        except HogwildError as err:
-            self.session.close()
-            error.add_note(f"recovery {self.recoveries} failed: {err}")
-            return False
+        while True:
+            if self.recoveries >= self.max_recoveries:
+                error.add_note(f"gave up after {self.recoveries} recoveries (max_recoveries)")
+                return False
+            self.recoveries += 1
+            try:
+                self.session = RaySession(self.config, self.spec, actor_class=GangWorker).start()
+                if tuple(self.session.agree("pool_pages")) != (self.pool_pages, self.page_size):
+                    raise ClusterError("the replacement actors have another KV pool size; the gang cannot resume")
+                break
+            except HogwildError as err:  # the new gang did not start: try again while attempts are left
+                self.session.close()
+                error.add_note(f"recovery {self.recoveries} failed: {err}")
         self._replay = [self._submits[sid] for sid in self.open if sid in self._submits]
         self._replay += [("cancel", sid) for sid in self.open if sid in self._cancelled]
         self._skip = dict(self._delivered)
