@@ -12,6 +12,7 @@ client can fix is a ``ConfigError`` raised before the session is queued.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -48,12 +49,13 @@ class ServeBackend:
     def __init__(self, host: RoundHost, info: ModelInfo, config: ServeConfig) -> None:
         self.host, self.info, self.config = host, info, config
         self.codec: Codec = codec_for(info.tokenizer, info.config.vocab_size)
-        self.model_id = config.served_name or info.name
+        self.model_id = config.served_name or Path(info.name).name  # a path's last part: SmolLM2-135M-Instruct
         self.cancelled = 0  # sessions stopped because their client left
 
     def knows(self, model: str | None) -> bool:
         """Whether ``model`` names this endpoint's model (None: the client left it to the server)."""
-        names = {self.model_id, "default"} | ({self.config.model} if isinstance(self.config.model, str) else set())
+        names = {self.model_id, self.info.name, "default"}
+        names |= {self.config.model} if isinstance(self.config.model, str) else set()
         return model is None or model in names
 
     @property

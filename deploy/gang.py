@@ -56,15 +56,22 @@ class _GroupSession(RaySession):
 
 
 class _GroupGangHost(GangHost):
-    """``GangHost`` over a ``_GroupSession`` (its constructor reserves a group of its own)."""
+    """``GangHost`` over a ``_GroupSession``. ``GangHost.__init__`` reserves a group of its own and
+    has no hook for the session it starts, so its body is mirrored here (keep in step with it; the
+    Serve end-to-end test runs this path). No recovery in place (``GangHost`` would start a plain
+    ``RaySession`` with a group of its own): a lost actor ends the open sessions with the error and
+    closes the host, the replica's health check fails and Serve replaces the replica."""
 
     def __init__(self, config: RayConfig, spec: EngineSpec, group: PlacementGroup, *, max_waiting: int) -> None:
         RoundHost.__init__(self, max_waiting)
-        self.rounds_per_call = ROUNDS_PER_CALL
+        self.config, self.spec = config, spec
+        self.rounds_per_call, self.max_recoveries = ROUNDS_PER_CALL, 0
         self.session = _GroupSession(config, spec, group, actor_class=GangWorker).start()
         self.pool_pages, self.page_size = self.session.agree("pool_pages")
         self.open = {}
         self.remote_waiting = 0
+        self.recoveries = 0
+        self._submits, self._cancelled, self._delivered, self._skip, self._replay = {}, set(), {}, {}, []
 
 
 def start_gang(config: ServeConfig, group: PlacementGroup | None = None) -> RoundHost:

@@ -21,14 +21,15 @@ def test_hogwild_serve_rejects_bad_options():
     assert main(["serve", "--replicas", "0"]) == 2
 
 
-def test_hogwild_serve_prints_the_url_and_stops_on_ctrl_c(default_lm):
+def test_hogwild_serve_prints_the_url_and_stops_on_ctrl_c(tmp_path):
     """The CLI on the default model: a fresh process with its own local Ray."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", "serve", "--port", str(port), "--num-cpus", "2",
-                             "--max-steps", "8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    port, log = _free_port(), tmp_path / "stderr.txt"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", "serve", "--port", str(port), "--num-cpus", "2",
+                                 "--max-steps", "8"], stdout=subprocess.PIPE, stderr=err, text=True)
     try:
         line = proc.stdout.readline()
-        assert f"http://127.0.0.1:{port}/" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+        assert f"http://127.0.0.1:{port}/" in line, (line, log.read_text()[-2000:])
         import httpx
 
         body = {"messages": [{"role": "user", "content": "What is 2 + 3?"}], "max_steps": 8, "temperature": 0}

@@ -113,9 +113,11 @@ def test_a_client_that_leaves_frees_its_sessions_blocks(http):
     before = http.get("/health").json()
     body = {**ask(workers=4), "max_steps": 2000, "stream": True}  # would run for tens of seconds
     with http.stream("POST", CHAT, json=body) as response:
+        assert response.status_code == 200
         seen = [line for _, line in zip(range(8), response.iter_lines())]
         assert any(line.startswith("data: ") for line in seen)
-        assert http.get("/health").json()["live"] == 1
+        during = http.get("/health").json()
+        assert during["live"] == 1, (during, before, seen)
     deadline = time.monotonic() + 30
     while (health := http.get("/health").json())["live"] and time.monotonic() < deadline:
         time.sleep(0.1)
