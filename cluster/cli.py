@@ -108,7 +108,8 @@ def _add_eval(commands) -> None:
 def main(argv: list[str] | None = None, extra: Mapping[str, Command] | None = None) -> int:
     """Run the command line ``argv``; ``extra`` adds subcommands by name."""
     argv = sys.argv[1:] if argv is None else argv
-    handlers = {"run": _run, "models": _models, "eval": _eval, "report": _report, **{name: run for name, (_, run) in (extra or {}).items()}}
+    handlers = {"run": _run, "models": _models, "eval": _eval, "report": _report,
+                **{name: run for name, (_, run) in (extra or {}).items()}}
     try:
         args = build_parser(extra).parse_args(argv)
         return handlers[args.command](args)

@@ -1,9 +1,10 @@
 """Comparing answers: numbers, fractions and ``\\boxed{}`` normalised to one canonical string.
 
 ``normalize("\\boxed{\\frac{3}{4}}") == normalize("0.75") == "3/4"``; ``"1,234"``, ``"$1234"``,
-``"1234."``, ``"1234%"`` and ``"1234 apples"`` are all ``"1234"`` (units are dropped). Text that holds no number is compared
-lowercased with its spaces collapsed and outer punctuation removed. ``majority`` is the vote of
-independent workers: the most frequent normalised answer, ties going to the answer given first.
+``"1234."``, ``"1234%"`` and ``"1234 apples"`` are all ``"1234"`` (units are dropped). Text that
+holds no number is compared lowercased with its spaces collapsed and outer punctuation removed.
+``majority`` is the vote of independent workers: the most frequent normalised answer, ties going to
+the answer given first.
 """
 
 from __future__ import annotations

@@ -29,7 +29,8 @@ class Progress:
         rate = new / elapsed * 60 if elapsed > 0 else 0.0
         eta = _clock(left / new * elapsed) if new else "?"
         share = self.done / self.total if self.total else 1.0
-        return f"{self.done}/{self.total} ({share:.0%}) · {rate:.1f}/min · elapsed {_clock(elapsed)} · ETA {eta}", share
+        text = f"{self.done}/{self.total} ({share:.0%}) · {rate:.1f}/min · elapsed {_clock(elapsed)} · ETA {eta}"
+        return text, share
 
     def note(self, text: str) -> None:
         self.stream.write(f"eval: {text}\n")
