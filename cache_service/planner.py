@@ -12,7 +12,7 @@ among those readers; the tail holds the local rows' small blocks only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 import torch
@@ -60,7 +60,7 @@ class Row:
 @dataclass(frozen=True)
 class PlannedStep:
     plan: AttentionPlan
-    positions: torch.Tensor  # [local rows, T]: block-local positions in each row's target
+    positions: torch.Tensor  # [1, n]: block-local position of each packed token in its row's target
     view_length: int  # tokens in the longest view once the step is written
 
 
@@ -109,11 +109,12 @@ def plan_step(
     n_rows, tokens = len(rows), max(r.tokens for r in rows)
     local = range(n_rows) if local is None else local
     device, dtype = store.pool.device, store.pool.dtype
+    counts = [rows[i].tokens for i in local]
+    starts = [sum(counts[:k]) for k in range(len(counts))]  # each local row's first packed token
 
-    positions = torch.stack([
-        (before[r.view.target] + torch.arange(tokens)).clamp(max=before[r.view.target] + r.tokens - 1)
-        for r in rows[local.start : local.stop]
-    ])
+    positions = torch.cat([before[rows[i].view.target] + torch.arange(rows[i].tokens) for i in local])
+    padded = [starts[k] + min(j, counts[k] - 1) for k in range(len(counts)) for j in range(tokens)]
+    packed = [k * tokens + j for k in range(len(counts)) for j in range(counts[k])]
     writing = range(n_rows) if write_remote else local
     write_src = [i * tokens + j for i in range(len(writing)) for j in range(rows[writing[i]].tokens)]
     write_slots = [s for i in writing for s in
@@ -122,21 +123,32 @@ def plan_step(
 
     reads = [r for r in reads if r.row in local]  # only the rows computed here read
     direct_blocks = _direct_blocks(reads, direct_min, writers)
-    shape = _Shape(rows, tokens, group, local, rope, dtype, device)
-    direct = [_direct_chunk(store, shape, [r for r in reads if r.block == b]) for b in direct_blocks]
+    shape = _Shape(rows, tokens, group, local, starts, rope, dtype, device)
+    direct, shifts = [], []
+    for b in direct_blocks:
+        chunk, chunk_shifts = _direct_chunk(store, shape, [r for r in reads if r.block == b])
+        if chunk_shifts is not None:
+            chunk = replace(chunk, rotated=sum(map(len, shifts)))
+            shifts.append(chunk_shifts)
+        direct.append(chunk)
     tail = _tail(store, shape, [[r for r in reads if r.row == i and r.block not in direct_blocks]
                                 for i in local])
     unwritten = direct[: sum(b not in writers for b in direct_blocks)]
+    query_index = [t for c in direct if c.rotated is not None for t in range(*c.tokens)]
     plan = AttentionPlan(
         rows=len(local),
         tokens=tokens,
+        padded=torch.tensor(padded, device=device),
+        packed=torch.tensor(packed, device=device),
         write_src=None if len(write_src) == len(writing) * tokens else torch.tensor(write_src, device=device),
         write_slots=torch.tensor(write_slots, device=device),
+        query_index=torch.tensor(query_index, device=device) if shifts else None,
+        query_rotation=rope.rotation(torch.cat(shifts)[:, None], dtype, device) if shifts else None,
         direct=tuple(direct),
         stable=len(unwritten) if sum(c.length for c in unwritten) >= overlap_min else 0,
         tail=tail,
     )
-    return PlannedStep(plan, positions.to(device), view_length)
+    return PlannedStep(plan, positions[None].to(device), view_length)
 
 
 def _writers(rows: list[Row]) -> dict[int, int]:
@@ -196,26 +208,33 @@ class _Shape:
     tokens: int
     group: int
     local: range
+    starts: list[int]  # first packed token of each local row
     rope: RopeTable
     dtype: torch.dtype
     device: torch.device
 
+    def token_range(self, rows: range) -> tuple[int, int]:
+        """The packed query tokens of the local rows ``rows``."""
+        first, last = rows.start - self.local.start, rows.stop - 1 - self.local.start
+        return self.starts[first], self.starts[last] + self.rows[rows.stop - 1].tokens
 
-def _direct_chunk(store: KVStore, shape: _Shape, block_reads: list[_Read]) -> DirectChunk:
-    """The block of ``block_reads`` (local reads) for the rows from its first to its last reader."""
+
+def _direct_chunk(store: KVStore, shape: _Shape, block_reads: list[_Read]) -> tuple[DirectChunk, torch.Tensor | None]:
+    """The block of ``block_reads`` (local reads) for the rows from its first to its last reader,
+    and the query rotation of each of their tokens (None when no reader needs one)."""
     by_row = {r.row: r for r in block_reads}
     readers = range(min(by_row), max(by_row) + 1)
     length = max(r.visible for r in block_reads)
-    shifts = torch.tensor([by_row[i].shift if i in by_row else 0 for i in readers])
-    rotation = None
-    if shifts.any():
-        rotation = shape.rope.rotation(shifts[:, None], shape.dtype, shape.device)
+    shifts = torch.cat([torch.full((shape.rows[i].tokens,), by_row[i].shift if i in by_row else 0)
+                        for i in readers])
     mask = _mask(shape, readers, length, [[(by_row[i], 0)] if i in by_row else [] for i in readers])
-    if mask is not None:
-        mask = mask.reshape(-1, length)  # [R * g * T, L]
+    if mask is not None:  # [R, T, g, L] -> the real tokens' [n * g, L]
+        mask = torch.cat([mask[k, : shape.rows[i].tokens] for k, i in enumerate(readers)]).reshape(-1, length)
     first = readers.start - shape.local.start
-    return DirectChunk(runs=tuple(store.runs(block_reads[0].block, length)), length=length,
-                       rows=(first, first + len(readers)), rotation=rotation, mask=mask)
+    chunk = DirectChunk(runs=tuple(store.runs(block_reads[0].block, length)), length=length,
+                        rows=(first, first + len(readers)), tokens=shape.token_range(readers), rotated=None,
+                        mask=mask)
+    return chunk, shifts if shifts.any() else None
 
 
 def _tail(store: KVStore, shape: _Shape, tail_reads: list[list[_Read]]) -> TailGather | None:
@@ -236,14 +255,14 @@ def _tail(store: KVStore, shape: _Shape, tail_reads: list[list[_Read]]) -> TailG
         placements.append(placed)
     rotation = shape.rope.rotation(shifts.flatten(), shape.dtype, shape.device)
     mask = _mask(shape, shape.local, size, placements)
-    if mask is not None:  # [kvh * R, g * T, S], the batch layout of the tail matmul
+    if mask is not None:  # [kvh * R, T * g, S], the batch layout of the tail matmul
         kv_heads, width = store.pool.shape[2], shape.group * shape.tokens
         mask = mask.reshape(1, -1, size).expand(kv_heads, -1, -1).reshape(-1, width, size)
     return TailGather(size, slots.flatten().to(shape.device), rotation, mask)
 
 
 def _mask(shape: _Shape, rows: range, width: int, placements: list[_Placed]) -> torch.Tensor | None:
-    """Additive mask ``[len(rows), g, T, width]``: -inf where a row may not look, or None.
+    """Additive mask ``[len(rows), T, g, width]``: -inf where a row may not look, or None.
     ``placements[k]``: where row ``rows[k]``'s reads sit among the ``width`` columns."""
     tokens = shape.tokens
     allowed = torch.zeros(len(rows), tokens, width, dtype=torch.bool)
@@ -258,4 +277,4 @@ def _mask(shape: _Shape, rows: range, width: int, placements: list[_Placed]) -> 
     if allowed.all():
         return None
     mask = torch.zeros(allowed.shape, dtype=shape.dtype).masked_fill_(~allowed, float("-inf"))
-    return mask[:, None].expand(-1, shape.group, -1, -1).to(shape.device)
+    return mask[:, :, None].expand(-1, -1, shape.group, -1).to(shape.device)

@@ -166,7 +166,7 @@ def assert_paths(plans, *, long_direct):
         assert not any(set(c.slots()) & written for c in p.direct[: p.stable])
     assert any(p.stable for p in plans) and any(len(p.direct) > p.stable for p in plans)
     assert any(p.tail is not None for p in plans), "the tail path was not exercised"
-    assert any(c.rotation is not None for p in plans for c in p.direct), "no direct chunk at an offset"
+    assert any(c.rotated is not None for p in plans for c in p.direct), "no direct chunk at an offset"
     if long_direct:
         assert any(c.length > 128 for p in plans for c in p.direct), "no direct chunk > 128 tokens"
 
@@ -207,8 +207,9 @@ def test_unrelated_groups_in_one_forward_match_oracle(mode, plan_spy):
     assert_paths(plan_spy, long_direct=True)
     partial = [c for p in plan_spy for c in p.direct if c.rows[1] - c.rows[0] < p.rows]
     assert partial, "no direct chunk scored by part of the rows"
-    assert any(c.mask is not None and c.mask.view(c.rows[1] - c.rows[0], -1, c.length).isinf().all(-1).all(-1).any()
-               for c in partial), "no direct chunk with a row in between that does not read it"
+    # a query that sees none of a chunk belongs to a row in between that does not read it
+    assert any(c.mask is not None and c.mask.isinf().all(-1).any() for c in partial), \
+        "no direct chunk with a row in between that does not read it"
 
 
 def test_oracle_comparison_has_teeth():

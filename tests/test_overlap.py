@@ -81,7 +81,7 @@ def test_stable_chunks_are_scored_before_the_new_entries_arrive(tokens):
     new entry and every stable score was taken before it."""
     store = KVStore(1, KV_HEADS, HEAD_DIM, tokens=256)
     plan = _plan(store, tokens)
-    q = _randn(2, KV_HEADS * GROUP, tokens, HEAD_DIM, seed=10)
+    q = _randn(1, KV_HEADS * GROUP, 2 * tokens, HEAD_DIM, seed=10)  # packed: row 0's tokens, then row 1's
     k, v = _randn(2, KV_HEADS, tokens, HEAD_DIM, seed=11), _randn(2, KV_HEADS, tokens, HEAD_DIM, seed=12)
 
     kv = store.pool[0].clone()

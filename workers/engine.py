@@ -108,9 +108,9 @@ class HogwildEngine:
             for row in rows:
                 self.store.truncate(row.view.target, self.store.length(row.view.target))
             raise
-        plan, device, width = planned.plan, self.lm.device, planned.plan.tokens
-        ids = torch.tensor([list(t) + [t[-1]] * (width - len(t)) for _, t in steps[local.start : local.stop]],
-                           device=device)
+        plan, device = planned.plan, self.lm.device
+        mine = rows[local.start : local.stop]
+        ids = torch.tensor([[t for _, tokens in steps[local.start : local.stop] for t in tokens]], device=device)
         out = self.lm.model.base_model(
             input_ids=ids,
             position_ids=planned.positions,
@@ -119,13 +119,12 @@ class HogwildEngine:
         )
         for row in rows:
             self.store.block(row.view.target).length += row.tokens
-        hidden = out.last_hidden_state
+        hidden = out.last_hidden_state[0]  # [packed tokens, hidden]
         head = self.lm.model.get_output_embeddings()
-        mine = rows[local.start : local.stop]
+        ends = torch.tensor([r.tokens for r in mine]).cumsum(0)
         if all_logits:
-            return [head(hidden[i, : r.tokens]).float() for i, r in enumerate(mine)]
-        last = torch.tensor([r.tokens - 1 for r in mine], device=device)
-        return head(hidden[torch.arange(len(mine), device=device), last]).float()
+            return [head(hidden[end - r.tokens : end]).float() for r, end in zip(mine, ends.tolist())]
+        return head(hidden[(ends - 1).to(device)]).float()
 
     def prefill(self, block: int, tokens: Sequence[int], context: Sequence[int] = ()) -> torch.Tensor:
         """Encode ``tokens`` into ``block`` after the blocks of ``context``; last-token logits."""

@@ -16,7 +16,7 @@ from transformers import AttentionInterface
 
 from cache_service.errors import HogwildError
 from cache_service.kv_store import KVStore
-from kernels.attention import AttentionPlan, block_attention, write_new_entries
+from kernels.attention import AttentionPlan, block_attention, pad_rows, write_new_entries
 
 ATTENTION_NAME = "hogwild"
 
@@ -57,7 +57,7 @@ def hogwild_attention(
     if hogwild.exchange is None:
         write_new_entries(kv, key, value, plan)
         return block_attention(query, kv, plan, scale), None
-    received = hogwild.exchange(layer, key, value)
+    received = hogwild.exchange(layer, pad_rows(key, plan), pad_rows(value, plan))
     return block_attention(query, kv, plan, scale, arrive=lambda: write_new_entries(kv, *received(), plan)), None
 
 
