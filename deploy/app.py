@@ -44,10 +44,14 @@ class APIError(Exception):
                             headers=self.headers)
 
 
-def create_app(backend: ServeBackend) -> FastAPI:
-    """The app over a started backend (the backend's owner closes it)."""
+def create_app(backend: ServeBackend, *, watch_disconnect: bool = True) -> FastAPI:
+    """The app over a started backend (the backend's owner closes it). ``watch_disconnect``: poll
+    the request for a client disconnect while its session runs (plain ASGI servers tell a waiting
+    request nothing else); Serve cancels a request whose client left by itself, so its deployment
+    turns this off."""
     app = FastAPI(title="Hogwild! Inference", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.backend = backend
+    app.state.watch_disconnect = watch_disconnect
     _errors(app, backend)
     app.add_middleware(_BodyLimit, limit=backend.config.max_body_bytes)
     auth = [Depends(_authorize(backend))]
@@ -91,7 +95,7 @@ async def _complete(backend: ServeBackend, body: HogwildFields, problem: str, ki
         usage = body.stream_options is None or body.stream_options.include_usage
         return StreamingResponse(_stream(backend, handle, fmt, usage, request), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    async with aclosing(session_events(handle, request.is_disconnected, backend.cancel)) as batches:
+    async with aclosing(session_events(handle, _disconnected(request), backend.cancel)) as batches:
         async for batch in batches:
             for event in batch:
                 fmt.chunks(event)  # keeps the prompt size and the finisher for the response
@@ -103,7 +107,7 @@ async def _complete(backend: ServeBackend, body: HogwildFields, problem: str, ki
 async def _stream(backend: ServeBackend, handle, fmt: OpenAIFormat, usage: bool, request: Request):
     """SSE: the chunks of each batch of events in one write, then the finish, usage and [DONE]."""
     try:
-        async with aclosing(session_events(handle, request.is_disconnected, backend.cancel)) as batches:
+        async with aclosing(session_events(handle, _disconnected(request), backend.cancel)) as batches:
             async for batch in batches:
                 text = "".join(sse(chunk) for event in batch for chunk in fmt.chunks(event))
                 if text:
@@ -115,6 +119,10 @@ async def _stream(backend: ServeBackend, handle, fmt: OpenAIFormat, usage: bool,
     except HogwildError as err:  # the session failed on the host (not the client's doing)
         yield sse(error_body(f"the session failed: {err}", "server_error", "session_failed"))
     yield sse("[DONE]")
+
+
+def _disconnected(request: Request):
+    return request.is_disconnected if request.app.state.watch_disconnect else None
 
 
 def _model_card(backend: ServeBackend) -> dict:

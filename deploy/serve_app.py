@@ -40,7 +40,9 @@ class HogwildDeployment:
             self.backend = local_backend(self.config)
 
     def __serve_build_asgi_app__(self):
-        return create_app(self.backend)
+        # Serve cancels the request of a client that left (the stream's generator is closed and its
+        # session cancelled); polling the request's receive channel as well is not needed here
+        return create_app(self.backend, watch_disconnect=False)
 
     def check_health(self) -> None:
         if not self.backend.alive:
