@@ -6,10 +6,10 @@
     handle.result()                                   # or handle.cancel()
 
 Each round (``step``): admit waiting sessions whose worst case (``Program.worst_case_pages``) fits
-in the part of the KV pool no admitted session may claim, in submission order; write up to
-``prefill_chunk`` prompt tokens of the sessions still being prefilled; then ONE forward over the
-rows of every session waiting for a decode step, each session's rows in its own mode and sampled
-with its own parameters and per-worker generators. Programs are sans-IO generators
+in the part of the KV pool no admitted session may claim, in submission order; then ONE forward
+over a chunk of each session still being prefilled (up to ``prefill_chunk`` prompt tokens in all,
+oldest first) and the rows of every session waiting for a decode step, each session's rows in its
+own mode and sampled with its own parameters and per-worker generators. Programs are sans-IO generators
 (``cluster.protocol``): the host hands each its tokens and forwards its events to its handle. A
 session's blocks are freed the moment it ends, fails or is cancelled.
 
@@ -37,7 +37,7 @@ from cache_service.planner import Mode
 from cluster.events import Event
 from cluster.protocol import Decode, Prefill, Program, Request, Steps
 from cluster.transcript import SessionResult, TranscriptBuilder
-from workers.backend import DecodeGroup, LocalBackend, Replica
+from workers.backend import DecodeGroup, LocalBackend, PrefillChunk, Replica
 from workers.engine import HogwildEngine
 from workers.sampling import SamplingParams, worker_generator
 
@@ -306,8 +306,7 @@ class SessionHost(RoundHost):
             for handle in cancels:
                 self._cancel(handle)
             self._admit()
-            busy = self._prefill()
-            return self._decode() or busy
+            return self._forward()
 
     def _busy(self) -> bool:
         return bool(self.live)
@@ -337,33 +336,31 @@ class SessionHost(RoundHost):
             self.live.append(live)
             self._advance(live, None)
 
-    def _prefill(self) -> bool:
-        """Write up to ``prefill_chunk`` tokens of pending prompts, oldest session first."""
-        budget = self.prefill_chunk
-        for live in [s for s in self.live if isinstance(s.pending, Prefill)]:
-            while budget and isinstance(live.pending, Prefill):
-                request = live.pending
-                n = min(budget, len(request.tokens) - live.written)
-                chunk = request.tokens[live.written : live.written + n]
-                if not self._guard([live], lambda: self.replica.prefill(request.block, chunk, request.context)):
-                    break
-                live.written += n
+    def _forward(self) -> bool:
+        """ONE forward: a chunk of every session being prefilled, oldest first, up to
+        ``prefill_chunk`` tokens in all, and a decode step of every session waiting for one."""
+        chunks, budget = [], self.prefill_chunk
+        for live in self.live:
+            if budget and isinstance(live.pending, Prefill):
+                n = min(budget, len(live.pending.tokens) - live.written)
+                chunks.append((live, n))
                 budget -= n
-                if live.written == len(request.tokens):
-                    live.written = 0
-                    self._advance(live, None)
-        return budget < self.prefill_chunk
-
-    def _decode(self) -> bool:
-        """One forward over every row of every session waiting for a decode step."""
         batch = [s for s in self.live if isinstance(s.pending, Decode)]
-        if not batch:
+        if not chunks and not batch:
             return False
+        prefills = [PrefillChunk(live.pending.block, live.pending.tokens[live.written : live.written + n],
+                                 live.pending.context) for live, n in chunks]
         groups = [DecodeGroup(s.pending.rows, s.pending.workers, s.mode, s.params,
                               [s.generators[w] for w in s.pending.workers], s.pending.greedy, s.pending.suppress)
                   for s in batch]
         tokens: list[list[list[int]]] = []
-        if self._guard(batch, lambda: tokens.append(self.replica.decode(groups))):
+        if self._guard([live for live, _ in chunks] + batch,
+                       lambda: tokens.append(self.replica.decode(groups, prefills))):
+            for live, n in chunks:
+                live.written += n
+                if live.written == len(live.pending.tokens):
+                    live.written = 0
+                    self._advance(live, None)
             for live, sampled in zip(batch, tokens[0]):
                 self._advance(live, sampled)
         return True

@@ -34,14 +34,24 @@ class DecodeGroup:
     suppress: Sequence[int] = ()
 
 
+@dataclass(frozen=True)
+class PrefillChunk:
+    """Prompt tokens to write into ``block`` after the blocks of ``context`` (no sampling)."""
+
+    block: int
+    tokens: Sequence[int]
+    context: Sequence[int] = ()
+
+
 class Replica(Protocol):
-    """What a session host runs rounds on: an engine (block bookkeeping), prefill, batched decode."""
+    """What a session host runs rounds on: an engine (block bookkeeping), prefill, batched decode
+    (``decode`` also writes ``prefills``: in the same forward where the replica can)."""
 
     engine: HogwildEngine
 
     def prefill(self, block: int, tokens: Sequence[int], context: Sequence[int] = ()) -> None: ...
 
-    def decode(self, groups: Sequence[DecodeGroup]) -> list[list[int]]: ...
+    def decode(self, groups: Sequence[DecodeGroup], prefills: Sequence[PrefillChunk] = ()) -> list[list[int]]: ...
 
 
 class Backend(Protocol):
@@ -94,11 +104,13 @@ class LocalBackend:
                             greedy, suppress)
         return self.decode([group])[0]
 
-    def decode(self, groups: Sequence[DecodeGroup]) -> list[list[int]]:
-        """One forward over every group's rows; each group sampled on its own."""
-        rows = [row for g in groups for row in g.rows]
-        logits = self.engine.forward(rows, modes=[g.mode for g in groups for _ in g.rows])
-        return sample_groups(logits, groups)
+    def decode(self, groups: Sequence[DecodeGroup], prefills: Sequence[PrefillChunk] = ()) -> list[list[int]]:
+        """One forward over the prefill chunks and every group's rows; each group sampled on its own."""
+        rows = [(View((*p.context, p.block), p.block), p.tokens) for p in prefills]
+        rows += [row for g in groups for row in g.rows]
+        modes = [Mode.INSTANT] * len(prefills) + [g.mode for g in groups for _ in g.rows]
+        logits = self.engine.forward(rows, modes=modes)
+        return sample_groups(logits[len(prefills) :], groups)
 
     def commit(self, step_block: int, into: int) -> None:
         self.engine.commit(step_block, into)

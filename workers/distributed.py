@@ -28,7 +28,7 @@ from cache_service.errors import ConfigError
 from cache_service.layout import View
 from cache_service.planner import Mode
 from cache_service.service import Committed, Record, Wrote
-from workers.backend import DecodeGroup, sample_rows
+from workers.backend import DecodeGroup, PrefillChunk, sample_rows
 from workers.engine import HogwildEngine
 from workers.exchange import Collective
 from workers.sampling import SamplingParams, worker_generator
@@ -163,11 +163,16 @@ class DistributedBackend:
             self.recorder.record(Committed(step_block, into, entries))
 
     # ---- many sessions (a session host on every actor of a gang) -------------------------------
-    def decode(self, groups: Sequence[DecodeGroup]) -> list[list[int]]:
+    def decode(self, groups: Sequence[DecodeGroup], prefills: Sequence[PrefillChunk] = ()) -> list[list[int]]:
         """One step of every group's rows (``Replica.decode``): a session's worker w runs on rank
         ``w % world``; rows are computed and sampled where they run, every layer exchanges every
         row's entries (a lagged row just does not read its peers' until the next step), and the
-        tokens are all-gathered, so every actor returns every group's tokens."""
+        tokens are all-gathered, so every actor returns every group's tokens. The prefill chunks
+        are written first, each by rank 0 and broadcast (``prefill``)."""
+        for chunk in prefills:
+            self.prefill(chunk.block, chunk.tokens, chunk.context)
+        if not groups:
+            return []
         rows = [row for g in groups for row in g.rows]
         order = StepOrder.by_rank([w % self.placement.world for g in groups for w in g.workers],
                                   self.placement.rank, self.placement.world)
