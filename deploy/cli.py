@@ -25,7 +25,7 @@ def _add_serve(commands) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--workers", type=int, default=2, help="workers per session when a request does not say")
-    p.add_argument("--max-workers", type=int, default=MAX_WORKERS, help=f"most workers a request may ask for")
+    p.add_argument("--max-workers", type=int, default=MAX_WORKERS, help="most workers a request may ask for")
     p.add_argument("--max-steps", type=int, default=256, help="default decode-step budget per session")
     p.add_argument("--max-waiting", type=int, default=64, help="sessions queued per replica before 429")
     p.add_argument("--kv-tokens", type=int, default=None, help="KV pool size in tokens (default: the device's)")

@@ -44,3 +44,23 @@ def plan_spy(monkeypatch) -> list:
 
     monkeypatch.setattr(workers.engine, "plan_step", spy)
     return plans
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray for one test module (4 CPUs, with the dashboard: some tests list actors)."""
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def no_leaks(ray_cluster):
+    """Fails the test when it leaves an actor or placement group behind."""
+    from tests.test_distributed import alive, assert_none_left
+
+    before = alive()
+    yield
+    assert_none_left(before)

@@ -18,7 +18,6 @@ from cluster.events import Recovered, Tick
 from cluster.gang import GangHost
 from cluster.host import SessionHost
 from cluster.ray_session import ActorFailedError, RayConfig
-from tests.test_distributed import alive, assert_none_left
 from tests.test_host import GREEDY, PROBLEMS, TINY, program
 from workers.actor import EngineSpec, ModelSpec
 from workers.engine import HogwildEngine
@@ -36,19 +35,6 @@ SEEDED = SamplingParams(temperature=0.9, seed=7)
 def tiny():
     return load_model(TINY, dtype=torch.float32, device="cpu")
 
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture
-def no_leaks(ray_cluster):
-    before = alive()
-    yield
-    assert_none_left(before)
 
 
 def local(tiny, prog, sampling=GREEDY, mode="instant") -> list:

@@ -15,21 +15,8 @@ from cache_service.service import CacheService, Wrote
 from cluster.ray_session import ActorFailedError, RayConfig, RaySession
 from workers.actor import ServiceRecorder, WorkerActor
 
-from tests.test_distributed import alive, assert_none_left, tiny_spec
+from tests.test_distributed import tiny_spec
 
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture
-def no_leaks(ray_cluster):
-    before = alive()
-    yield
-    assert_none_left(before)
 
 
 class PullFails(WorkerActor):
