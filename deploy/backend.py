@@ -11,6 +11,7 @@ client can fix is a ``ConfigError`` raised before the session is queued.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 from cache_service.errors import ConfigError
 from cache_service.kv_store import PoolConfig
 from cluster.codec import Codec, codec_for
-from cluster.host import RoundHost, SessionHandle, SessionHost
+from cluster.host import RoundHost, SessionCancelled, SessionHandle, SessionHost
 from cluster.protocol import Program, ProtocolConfig
 from cluster.session import open_model, open_model_info
 from workers.engine import HogwildEngine
@@ -50,7 +51,9 @@ class ServeBackend:
         self.host, self.info, self.config = host, info, config
         self.codec: Codec = codec_for(info.tokenizer, info.config.vocab_size)
         self.model_id = config.served_name or Path(info.name).name  # a path's last part: SmolLM2-135M-Instruct
-        self.cancelled = 0  # sessions stopped because their client left
+        self.cancelled = 0  # sessions the host ended cancelled because their client left
+        self._leaving: list[SessionHandle] = []  # cancelled for their client, not ended yet
+        self._leaving_lock = threading.Lock()
 
     def knows(self, model: str | None) -> bool:
         """Whether ``model`` names this endpoint's model (None: the client left it to the server)."""
@@ -94,13 +97,32 @@ class ServeBackend:
         return self.host.submit(program, self.sampling(options), options.mode or self.config.mode)
 
     def cancel(self, handle: SessionHandle) -> None:
-        """Stop a session whose client left (counted in ``stats``)."""
-        self.cancelled += 1
+        """Stop a session whose client left. ``stats`` counts it once the host has ended it
+        cancelled; one that ended by itself before the cancel took effect is not counted."""
+        with self._leaving_lock:
+            self._leaving.append(handle)
         handle.cancel()
 
     def stats(self) -> dict:
         stats = getattr(self.host, "stats", None)
-        return {**(stats() if stats else {}), "cancelled": self.cancelled}
+        return {**(stats() if stats else {}), "cancelled": self._count_cancelled()}
+
+    def _count_cancelled(self) -> int:
+        """Add the sessions cancelled for their client that have ended since the last look."""
+        with self._leaving_lock:
+            still = []
+            for handle in self._leaving:
+                if not handle.done.is_set():
+                    still.append(handle)
+                    continue
+                try:
+                    handle.result()  # it has ended: returns (or raises) at once
+                except SessionCancelled:
+                    self.cancelled += 1
+                except Exception:  # noqa: BLE001 - it finished or failed on its own; not counted
+                    pass
+            self._leaving = still
+            return self.cancelled
 
     def close(self) -> None:
         self.host.close()

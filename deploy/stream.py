@@ -36,11 +36,14 @@ async def session_events(handle: SessionHandle, disconnected: Callable[[], Await
     event loop's few executor threads all that time). Ends as ``events()`` does (raising what ended
     the session); stops, cancelling the session, when ``disconnected()`` says the client is gone or
     when the consumer stops early (the generator is closed or its task cancelled): ``cancel(handle)``,
-    by default ``handle.cancel()``."""
+    by default ``handle.cancel()``. A session whose ``Finished`` event went by is not cancelled: it
+    has ended, though the host thread may not have set ``handle.done`` yet."""
     delay, checked = POLL_MIN_S, time.monotonic()
+    finished = False
     try:
         while True:
             events = handle.poll()
+            finished = finished or any(isinstance(event, Finished) for event in events)
             if handle.done.is_set():
                 if events:
                     yield events
@@ -57,7 +60,7 @@ async def session_events(handle: SessionHandle, disconnected: Callable[[], Await
             await asyncio.sleep(delay)
             delay = min(delay * 2, POLL_MAX_S)
     finally:
-        if not handle.done.is_set():
+        if not (finished or handle.done.is_set()):
             (cancel or SessionHandle.cancel)(handle)
 
 

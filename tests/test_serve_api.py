@@ -282,15 +282,57 @@ def test_a_disconnected_stream_cancels_its_session_and_frees_its_blocks(backend)
                 assert any(line.startswith("data: ") for line in seen)
                 assert backend.stats()["live"] == 1 and backend.stats()["used_pages"] > before["used_pages"]
             deadline = time.monotonic() + 20
-            while backend.stats()["live"] and time.monotonic() < deadline:
+            while ((stats := backend.stats())["live"] or stats["cancelled"] == before["cancelled"]) \
+                    and time.monotonic() < deadline:
                 time.sleep(0.05)
-            stats = backend.stats()
             assert stats["cancelled"] == before["cancelled"] + 1  # the client left; the session did not end itself
             assert stats["live"] == 0 and stats["used_pages"] == before["used_pages"] and stats["claimed_pages"] == 0
             assert http.post("/v1/chat/completions", json=ask()).status_code == 200  # still serving
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_only_cancels_that_took_effect_are_counted(backend):
+    from deploy.backend import SessionOptions
+
+    before = backend.stats()["cancelled"]
+    ended = backend.submit("What is 2 + 3?", SessionOptions(workers=1, max_steps=4))
+    ended.result()
+    backend.cancel(ended)  # the client left after the end: nothing was stopped
+    running = backend.submit("What is 2 + 3?", SessionOptions(workers=4, max_steps=2000))
+    backend.cancel(running)
+    running.done.wait(30)
+    assert backend.stats()["cancelled"] == before + 1
+
+
+class _Ending:
+    """A handle whose program has reported ``events``; the host thread has not set ``done`` yet."""
+
+    def __init__(self, events: list) -> None:
+        self.events, self.done, self.cancels = events, threading.Event(), 0
+
+    def poll(self) -> list:
+        events, self.events = self.events, []
+        return events
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_a_stream_closed_after_the_finish_does_not_cancel_its_session(finished):
+    import asyncio
+    from contextlib import aclosing
+
+    from cluster.events import Delta, Finished
+    from deploy.stream import session_events
+
+    handle = _Ending([Delta(0, 1, "4"), *([Finished("4", "answer", 0, 1)] if finished else [])])
+
+    async def read_one_batch_and_leave() -> list:
+        async with aclosing(session_events(handle, cancel=lambda h: setattr(h, "cancels", h.cancels + 1))) as it:
+            return await anext(it)
+
+    assert len(asyncio.run(read_one_batch_and_leave())) == (2 if finished else 1)
+    assert handle.cancels == (0 if finished else 1)  # a running session is cancelled, an ended one not
 
 
 # ---- configuration -----------------------------------------------------------------------------------
