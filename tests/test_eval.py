@@ -29,6 +29,7 @@ from cluster.host import SessionHost
 from cluster.prompts import Templates
 from cluster.protocol import ProtocolConfig
 from cluster.session import Session, SessionConfig
+from tests.test_host import run_to_the_end
 from tests.test_session import NO_ANSWERS
 from workers.engine import HogwildEngine
 from workers.model import load_model, tiny_config
@@ -319,12 +320,7 @@ def test_probes_stay_within_the_worst_case_a_session_is_admitted_by(tiny, max_st
                               templates=NO_ANSWERS, checkpoints=tuple(range(every, max_steps, every)))
     prog = Session("Spell 'cat' backwards.", SessionConfig(protocol=protocol), lm=tiny).program
     h = SessionHost(HogwildEngine(tiny, pool=PoolConfig(tokens=1 << 16)))
-    handle = h.submit(prog, SamplingParams(temperature=1.0, seed=2))
-    peak = 0
-    while not handle.done.is_set():
-        h.step()
-        peak = max(peak, h.engine.store.used_pages)
-    events = list(handle.events())
+    events, peak = run_to_the_end(h, prog, SamplingParams(temperature=1.0, seed=2))
     assert 0 < peak <= prog.worst_case_pages(16)
     assert sum(isinstance(e, Probe) for e in events) >= 2
     assert events[-1].reason == ("context" if max_steps == 2000 else "budget")

@@ -204,12 +204,16 @@ def test_a_session_never_holds_more_pages_than_its_worst_case(layout, max_steps)
                     dtype=torch.float32, device="cpu")
     prog = program(lm, PROBLEMS[4], workers=3, layout=layout, max_steps=max_steps, max_step_tokens=12)
     h = SessionHost(HogwildEngine(lm, pool=PoolConfig(tokens=1 << 16)))
-    handle = h.submit(prog, SamplingParams(temperature=1.0, seed=2))
-    peak = 0
-    while not handle.done.is_set():
-        h.step()
-        peak = max(peak, h.engine.store.used_pages)
-    events = list(handle.events())
+    events, peak = run_to_the_end(h, prog, SamplingParams(temperature=1.0, seed=2))
     assert 0 < peak <= prog.worst_case_pages(16)
     if max_steps == 2000:
         assert events[-1].reason == "context"
+
+
+def run_to_the_end(host: SessionHost, prog, sampling: SamplingParams) -> tuple[list, int]:
+    """Run one session inline on ``host``: its events and the most pool pages in use at once."""
+    handle, peak = host.submit(prog, sampling), 0
+    while not handle.done.is_set():
+        host.step()
+        peak = max(peak, host.engine.store.used_pages)
+    return list(handle.events()), peak
