@@ -52,6 +52,8 @@ def build_parser(extra: Mapping[str, Command] | None = None) -> argparse.Argumen
     run.add_argument("--temperature", type=float, default=0.6, help="0 for greedy")
     run.add_argument("--top-p", type=float, default=0.95)
     run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--repetition-penalty", type=float, default=1.0,
+                     help="divides the logits of each worker's last 64 tokens (1: off; default 1.0)")
     run.add_argument("--kv-tokens", type=int, default=None,
                      help="KV pool size in tokens (default: 32k on CPU, 90%% of free GPU memory on CUDA)")
     run.add_argument("--kv-memory-fraction", type=float, default=None,
@@ -91,6 +93,8 @@ def _add_eval(commands) -> None:
     ev.add_argument("--temperature", type=float, default=0.6, help="0 for greedy")
     ev.add_argument("--top-p", type=float, default=0.95)
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--repetition-penalty", type=float, default=1.0,
+                    help="divides the logits of each worker's last 64 tokens (1: off; default 1.0)")
     ev.add_argument("--max-step-tokens", type=int, default=128, help="longest step before it is cut")
     ev.add_argument("--check-every", type=int, default=64, help="redundancy check every N tokens (0: off)")
     ev.add_argument("--layout", default="combined", help="combined | contiguous | interleaved")
@@ -159,7 +163,8 @@ def _config(args: argparse.Namespace):
 
     protocol = ProtocolConfig(workers=args.workers, layout=args.layout, max_steps=args.max_steps,
                               max_step_tokens=args.max_step_tokens, check_every=args.check_every)
-    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                              repetition_penalty=args.repetition_penalty)
     pool = PoolConfig(tokens=args.kv_tokens, page_size=args.kv_page_size, memory_fraction=args.kv_memory_fraction)
     return SessionConfig(protocol=protocol, sampling=sampling, model=args.model, mode=args.mode, pool=pool)
 
@@ -220,7 +225,7 @@ def _eval(args: argparse.Namespace) -> int:
     settings = EvalSettings(budgets=tuple(args.budgets), model=args.model, temperature=args.temperature,
                             top_p=args.top_p, seed=args.seed, layout=args.layout, mode=args.mode,
                             max_step_tokens=args.max_step_tokens, check_every=args.check_every,
-                            kv_tokens=args.kv_tokens)
+                            kv_tokens=args.kv_tokens, repetition_penalty=args.repetition_penalty)
     checked = plan(args.data, args.methods, args.workers, settings, args.out, args.limit)
     in_job = bool(os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_ADDRESS"))
     _quiet_transformers()

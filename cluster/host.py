@@ -351,7 +351,8 @@ class SessionHost(RoundHost):
         prefills = [PrefillChunk(live.pending.block, live.pending.tokens[live.written : live.written + n],
                                  live.pending.context) for live, n in chunks]
         groups = [DecodeGroup(s.pending.rows, s.pending.workers, s.mode, s.params,
-                              [s.generators[w] for w in s.pending.workers], s.pending.greedy, s.pending.suppress)
+                              [s.generators[w] for w in s.pending.workers], s.pending.greedy, s.pending.suppress,
+                              s.pending.recent)
                   for s in batch]
         tokens: list[list[list[int]]] = []
         if self._guard([live for live, _ in chunks] + batch,

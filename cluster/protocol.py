@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 MAX_WORKERS = len(NAMES)
 CLAUSE_ENDS = tuple(".,;:!?)\n")  # a redundancy check waits for one of these ...
 CHECK_SLACK = 16  # ... for at most this many tokens
+RECENT_TOKENS = 64  # a worker's last sampled tokens, handed to the sampler (repetition penalty)
 
 
 @dataclass(frozen=True)
@@ -100,12 +101,14 @@ class Prefill:
 @dataclass(frozen=True)
 class Decode:
     """Request: write each row's tokens and sample one token per row (greedy when asked, never one
-    of ``suppress``); answered with the tokens, in row order."""
+    of ``suppress``); answered with the tokens, in row order. ``recent[i]``: the last tokens row
+    i's worker sampled (for a repetition penalty; empty for the finisher)."""
 
     rows: tuple[tuple[View, tuple[int, ...]], ...]
     workers: tuple[int, ...]
     greedy: bool = False
     suppress: tuple[int, ...] = ()
+    recent: tuple[tuple[int, ...], ...] = ()
 
 
 Request = Prefill | Decode
@@ -124,7 +127,8 @@ def drive(steps: Steps, backend: Backend) -> Iterator[Event]:
         if isinstance(item, Prefill):
             backend.prefill(item.block, item.tokens, item.context)
         elif isinstance(item, Decode):
-            reply = backend.step(item.rows, item.workers, greedy=item.greedy, suppress=item.suppress)
+            reply = backend.step(item.rows, item.workers, greedy=item.greedy, suppress=item.suppress,
+                                 recent=item.recent)
         else:
             yield item
 
@@ -261,6 +265,7 @@ class _Worker:
     sampled: int = 0
     step_sampled: int = 0
     since_check: int = 0
+    recent: list[int] = field(default_factory=list)  # last RECENT_TOKENS sampled tokens kept in its text
 
 
 class _Run:
@@ -294,6 +299,7 @@ class _Run:
         self.table = BlockTable(int(t["common"]), {str(k): int(v) for k, v in t["shared"].items()},
                                 tuple({str(k): int(v) for k, v in parts.items()} for parts in t["workers"]))
         self.workers = [_Worker(**{**w, "ids": list(w["ids"]), "feed": list(w["feed"]),
+                                   "recent": list(w.get("recent", ())),
                                    "view": view(self.p.layout, self.table, int(w["index"]))})
                         for w in state["workers"]]
         yield from self._loop(int(state["steps"]))
@@ -329,7 +335,8 @@ class _Run:
         """One token per worker; returns ``(worker, answer)`` of the first worker that answered."""
         rows = tuple((w.view, tuple(w.feed)) for w in self.workers)
         self.boundary = True  # suspended here, the run can be saved (``state``)
-        tokens = yield Decode(rows, tuple(w.index for w in self.workers), suppress=tuple(self.p.codec.stop_ids))
+        tokens = yield Decode(rows, tuple(w.index for w in self.workers), suppress=tuple(self.p.codec.stop_ids),
+                              recent=tuple(tuple(w.recent) for w in self.workers))
         self.boundary = False
         found = None
         for worker, token in zip(self.workers, tokens, strict=True):
@@ -346,6 +353,7 @@ class _Run:
         before = len(w.text)
         w.ids.append(token)
         w.feed = [token]
+        w.recent = [*w.recent[1 - RECENT_TOKENS :], token]
         w.sampled += 1
         w.step_sampled += 1
         w.since_check += 1

@@ -124,7 +124,8 @@ class SavedSession:
                 self.backend.prefill(item.block, item.tokens, item.context)
             elif isinstance(item, Decode):
                 self._maybe_save()
-                reply = self.backend.step(item.rows, item.workers, greedy=item.greedy, suppress=item.suppress)
+                reply = self.backend.step(item.rows, item.workers, greedy=item.greedy, suppress=item.suppress,
+                                          recent=item.recent)
             else:
                 self.builder.add(item, time.perf_counter())
                 self.past.append(item)

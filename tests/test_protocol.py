@@ -41,7 +41,7 @@ class ScriptedBackend:
     def prefill(self, block: int, tokens: Sequence[int], context: Sequence[int] = ()) -> None:
         self.blocks[block] += list(tokens)
 
-    def step(self, rows, workers, *, greedy=False, suppress=()):
+    def step(self, rows, workers, *, greedy=False, suppress=(), recent=()):
         self.calls.append((list(rows), list(workers), greedy, tuple(suppress)))
         for row_view, tokens in rows:
             self.blocks[row_view.target] += list(tokens)

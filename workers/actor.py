@@ -258,8 +258,8 @@ class WorkerActor:
         return {w: x.to("cpu") for w, x in logits.items()}
 
     def step(self, rows: Sequence[tuple[View, Sequence[int]]], workers: Sequence[int],
-             greedy: bool = False, suppress: Sequence[int] = ()) -> list[int]:
-        tokens = self.backend.step(rows, workers, greedy=greedy, suppress=suppress)
+             greedy: bool = False, suppress: Sequence[int] = (), recent: Sequence[Sequence[int]] = ()) -> list[int]:
+        tokens = self.backend.step(rows, workers, greedy=greedy, suppress=suppress, recent=recent)
         self._flush()
         return tokens
 

@@ -23,7 +23,8 @@ from workers.sampling import SamplingParams, sample, worker_generator
 class DecodeGroup:
     """One session's rows of a batched decode step: row i is the session's worker ``workers[i]``,
     sampled from ``generators[i]`` with the session's parameters (greedy when asked, never one of
-    ``suppress``); the rows see their peers' entries of this step as ``mode`` says."""
+    ``suppress``); the rows see their peers' entries of this step as ``mode`` says. ``recent[i]``:
+    the ids row i generated lately (the repetition penalty's; empty when the session has none)."""
 
     rows: Sequence[tuple[View, Sequence[int]]]
     workers: Sequence[int]
@@ -32,6 +33,7 @@ class DecodeGroup:
     generators: Sequence[torch.Generator]
     greedy: bool = False
     suppress: Sequence[int] = ()
+    recent: Sequence[Sequence[int]] = ()
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class Backend(Protocol):
         *,
         greedy: bool = False,
         suppress: Sequence[int] = (),
+        recent: Sequence[Sequence[int]] = (),
     ) -> list[int]: ...
 
     def commit(self, step_block: int, into: int) -> None: ...
@@ -99,9 +102,10 @@ class LocalBackend:
         *,
         greedy: bool = False,
         suppress: Sequence[int] = (),
+        recent: Sequence[Sequence[int]] = (),
     ) -> list[int]:
         group = DecodeGroup(rows, workers, self.engine.mode, self.params, [self.generators[w] for w in workers],
-                            greedy, suppress)
+                            greedy, suppress, recent)
         return self.decode([group])[0]
 
     def decode(self, groups: Sequence[DecodeGroup], prefills: Sequence[PrefillChunk] = ()) -> list[list[int]]:
@@ -121,7 +125,7 @@ def sample_groups(logits: torch.Tensor, groups: Sequence[DecodeGroup]) -> list[l
     out, at = [], 0
     for g in groups:
         n = len(g.rows)
-        out.append(sample_rows(logits[at : at + n], g.params, list(g.generators), g.greedy, g.suppress))
+        out.append(sample_rows(logits[at : at + n], g.params, list(g.generators), g.greedy, g.suppress, g.recent))
         at += n
     return out
 
@@ -132,9 +136,13 @@ def sample_rows(
     generators: list[torch.Generator],
     greedy: bool,
     suppress: Sequence[int],
+    recent: Sequence[Sequence[int]] = (),
 ) -> list[int]:
-    """Sample one token per row, never one of ``suppress``; greedy when asked (e.g. a finisher)."""
+    """Sample one token per row, never one of ``suppress``; greedy when asked (e.g. a finisher:
+    plain argmax, no repetition penalty, since an answer repeats what its worker computed)."""
     if suppress:
         logits = logits.clone()
         logits[:, list(suppress)] = float("-inf")
-    return sample(logits, SamplingParams(seed=params.seed) if greedy else params, generators)
+    if greedy:
+        return sample(logits, SamplingParams(seed=params.seed), generators)
+    return sample(logits, params, generators, recent)

@@ -145,12 +145,13 @@ class DistributedBackend:
         self._wrote(block, tokens, entries, mirror=before == 0 or block in self.mirrored)
 
     def step(self, rows: Rows, workers: Sequence[int], *, greedy: bool = False,
-             suppress: Sequence[int] = ()) -> list[int]:
+             suppress: Sequence[int] = (), recent: Sequence[Sequence[int]] = ()) -> list[int]:
         """One token per row, sampled where the row's worker lives, known to every actor."""
         order = StepOrder.of(workers, self.placement)
         logits = self._forward(order.arrange(rows), order)
         mine = [self.generators[w] for w in order.arrange(workers)[order.local.start : order.local.stop]]
-        local = sample_rows(logits, self.params, mine, greedy, suppress) if len(order.local) else []
+        near = order.arrange(recent)[order.local.start : order.local.stop] if recent else ()
+        local = sample_rows(logits, self.params, mine, greedy, suppress, near) if len(order.local) else []
         return order.restore(self.collective.gather_tokens(local, order.counts))
 
     def commit(self, step_block: int, into: int) -> None:
@@ -184,7 +185,8 @@ class DistributedBackend:
             run = list(run)
             g, first = run[0][0], len(local)
             gens = [g.generators[k] for _, k in run]
-            local += sample_rows(logits[first : first + len(run)], g.params, gens, g.greedy, g.suppress)
+            near = [g.recent[k] for _, k in run] if g.recent else ()
+            local += sample_rows(logits[first : first + len(run)], g.params, gens, g.greedy, g.suppress, near)
         tokens = order.restore(self.collective.gather_tokens(local, order.counts))
         out, at = [], 0
         for g in groups:

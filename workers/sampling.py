@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -11,12 +12,15 @@ from cache_service.errors import ConfigError
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 means greedy; top_k 0 and top_p 1 switch those filters off."""
+    """temperature 0 means greedy; top_k 0 and top_p 1 switch those filters off. A
+    ``repetition_penalty`` above 1 makes the tokens a row generated recently less likely (its
+    positive logits divided by it, its negative ones multiplied); 1 switches it off."""
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0 or self.temperature == float("inf"):
@@ -25,6 +29,9 @@ class SamplingParams:
             raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 < self.repetition_penalty < float("inf"):
+            raise ConfigError(
+                f"repetition_penalty must be a finite number > 0 (1 is off), got {self.repetition_penalty}")
 
 
 def worker_generator(params: SamplingParams, worker: int) -> torch.Generator:
@@ -81,11 +88,39 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return torch.full_like(logits, float("-inf"), dtype=torch.float32).scatter_(-1, ids, values)
 
 
+def penalize(logits: torch.Tensor, recent: Sequence[Sequence[int]], penalty: float) -> torch.Tensor:
+    """``logits`` ``[rows, vocab]`` with the repetition penalty on the ids of ``recent[i]`` in row
+    i (positive logits divided by ``penalty``, negative ones multiplied), all rows in one scatter;
+    the same tensor, untouched, when ``penalty`` is 1 or no row has recent ids."""
+    if penalty == 1:
+        return logits
+    if len(recent) != logits.shape[0]:
+        raise ConfigError(f"a repetition penalty needs each row's recent tokens: got {len(recent)} lists "
+                          f"for {logits.shape[0]} rows (this backend does not pass them; use penalty 1)")
+    if not any(recent):
+        return logits
+    width = max(len(r) for r in recent)
+    # short rows repeat their first id (the same value is written twice); an empty row writes its
+    # logit of token 0 back unchanged
+    ids = torch.tensor([[*r, *[r[0] if r else 0] * (width - len(r))] for r in recent],
+                       dtype=torch.long, device=logits.device)
+    active = torch.tensor([bool(r) for r in recent], device=logits.device)[:, None]
+    logits = logits.float()
+    values = logits.gather(-1, ids)
+    scaled = torch.where(values > 0, values / penalty, values * penalty)
+    return logits.scatter(-1, ids, torch.where(active, scaled, values))
+
+
 def sample(
-    logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generators: list[torch.Generator],
+    recent: Sequence[Sequence[int]] = (),
 ) -> list[int]:
     """One token per row of ``logits``; row i draws from ``generators[i]`` (one uniform number per
-    draw, inverted through the cumulative probabilities of the row's candidates: all rows at once)."""
+    draw, inverted through the cumulative probabilities of the row's candidates: all rows at once).
+    ``recent[i]``: the ids row i generated lately, for the repetition penalty (greedy included)."""
+    logits = penalize(logits, recent, params.repetition_penalty)
     if params.temperature == 0:
         return logits.argmax(-1).tolist()
     values, ids = candidates(logits, params)

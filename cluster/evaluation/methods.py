@@ -83,6 +83,7 @@ class EvalSettings:
     check_every: int = 64
     answer_tokens: int = 16
     kv_tokens: int | None = field(default=None, compare=False)  # the pool: no effect on results
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         wrong = [b for b in self.budgets if not isinstance(b, int) or b <= 0]
@@ -99,7 +100,7 @@ class EvalSettings:
 
     def sampling(self, member: int) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p,
-                              seed=self.seed + member * MEMBER_SEED_STRIDE)
+                              seed=self.seed + member * MEMBER_SEED_STRIDE, repetition_penalty=self.repetition_penalty)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
