@@ -11,6 +11,12 @@ Allocation keeps blocks in few contiguous runs (attention reads a run in place w
 growing block takes the pages right after its last one while they are free, and a request of several
 pages takes the first free run long enough to hold them all.
 
+A page may be held by several blocks at once: a prompt block can start with the pages of a prompt
+prefix another session wrote (``share_prefix``; the ``PrefixCache`` remembers them after their
+sessions end, ``remember_prefix``). Only whole pages before a block's length are shared, and blocks
+only grow at their end, so nobody writes a shared page. A page is free again when its last holder
+lets it go; pages only the prefix cache holds count as free (they are forgotten when room is needed).
+
 One more page, after the ``pages`` usable ones, is the **null page**: it always holds zeros, is
 never in the free list and never belongs to a block. Attention pads rows of a gathered tail with its
 first slot (``null_slot``), so a padded column reads zeros and never another block's entries (a NaN
@@ -23,11 +29,13 @@ from __future__ import annotations
 import heapq
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from cache_service.errors import ConfigError, LayoutError, PoolExhaustedError
+from cache_service.prefix_cache import PrefixCache
 from kernels.rope import RopeTable, rotate_by
 
 DEFAULT_PAGE_SIZE = 16
@@ -130,6 +138,8 @@ class KVStore:
         null page (never free, never a block's) holds zeros."""
         self.pool[:, :, :, self.null_slot :].zero_()
         self.blocks: dict[int, Block] = {}
+        self.prefixes = PrefixCache(self.page_size)
+        self._holders = [0] * self.pages  # blocks (and the prefix cache) holding each page
         self._free = set(range(self.pages))
         self._lowest = list(range(self.pages))  # min-heap of free pages (stale entries skipped)
         self._next_id = 0
@@ -142,11 +152,17 @@ class KVStore:
 
     @property
     def free_pages(self) -> int:
-        return len(self._free)
+        """Pages a request can take: free ones and those only the prefix cache holds."""
+        return len(self._free) + len(self.prefixes.evictable(self._sole))
 
     @property
     def used_pages(self) -> int:
-        return self.pages - len(self._free)
+        return self.pages - self.free_pages
+
+    @property
+    def cached_pages(self) -> int:
+        """Pages the prefix cache names (some may be held by blocks too)."""
+        return len(self.prefixes)
 
     def pages_for(self, tokens: int) -> int:
         return math.ceil(tokens / self.page_size)
@@ -209,10 +225,37 @@ class KVStore:
         entry = self.block(block)
         if not 0 <= length <= entry.length:
             raise LayoutError(f"cannot truncate block {block} of length {entry.length} to {length}")
+        if length % self.page_size and self._holders[entry.pages[length // self.page_size]] > 1:
+            raise LayoutError(f"cannot truncate block {block} to {length} tokens: that cuts a page it "
+                              "shares with other blocks (a cached prompt prefix), which later writes would change")
         entry.length = length
         keep = self.pages_for(max(length, entry.reserved))
         self._give(entry.pages[keep:])
         del entry.pages[keep:]
+
+    # ---- shared prompt prefixes --------------------------------------------------------------
+    def share_prefix(self, block: int, tokens: Sequence[int]) -> int:
+        """Start the empty ``block`` with the cached pages of the longest whole-page prefix of
+        ``tokens`` (its own first pages go back); the number of tokens it now holds."""
+        entry = self.block(block)
+        if entry.length:
+            raise LayoutError(f"block {block} holds {entry.length} tokens; only an empty block starts with a prefix")
+        shared = self.prefixes.lookup(tokens)
+        if shared:
+            for page in shared:
+                self._holders[page] += 1
+            self._give(entry.pages[: len(shared)])
+            entry.pages[: len(shared)] = shared
+            entry.length = len(shared) * self.page_size
+        return entry.length
+
+    def remember_prefix(self, block: int, tokens: Sequence[int]) -> None:
+        """Keep the whole pages of ``block``'s first ``len(tokens)`` tokens, which are ``tokens``,
+        for later blocks that start with them (``share_prefix``)."""
+        if len(tokens) > self.length(block):
+            raise LayoutError(f"block {block} holds {self.length(block)} tokens, not {len(tokens)}")
+        for page in self.prefixes.insert(tokens, self.block(block).pages):
+            self._holders[page] += 1
 
     # ---- addressing --------------------------------------------------------------------------
     def slots(self, block: int, begin: int, end: int) -> list[int]:
@@ -267,13 +310,20 @@ class KVStore:
 
     # ---- the free list -----------------------------------------------------------------------
     def check_free(self, pages: int) -> None:
-        """Raise ``PoolExhaustedError`` unless ``pages`` pages are free."""
+        """Raise ``PoolExhaustedError`` unless ``pages`` pages are free (the prefix cache forgets
+        pages only it holds to make room)."""
+        if pages > len(self._free) and self.prefixes:
+            self._give(self.prefixes.evict(pages - len(self._free), self._sole))
         if pages > len(self._free):
             raise PoolExhaustedError(
                 f"the KV pool is full: {pages} more pages of {self.page_size} tokens are needed, "
                 f"{len(self._free)} of {self.pages} are free; end or cancel sessions, or give the "
                 "engine a larger pool (kv_tokens / kv_memory_fraction)"
             )
+
+    def _sole(self, page: int) -> bool:
+        """Whether the prefix cache alone holds ``page``."""
+        return self._holders[page] == 1
 
     def _take(self, n: int, after: int | None) -> list[int]:
         """``n`` free pages: those right after page ``after`` while free, then a contiguous run."""
@@ -292,6 +342,8 @@ class KVStore:
             taken += run
         else:
             taken += [self._pop_lowest() for _ in range(rest)]
+        for page in taken:
+            self._holders[page] = 1
         return taken
 
     def _first_run(self, n: int) -> list[int]:
@@ -310,7 +362,11 @@ class KVStore:
                 return page
 
     def _give(self, pages: list[int]) -> None:
+        """Let go of one hold on each of ``pages``; a page nobody holds is free again."""
         for page in pages:
+            self._holders[page] -= 1
+            if self._holders[page]:
+                continue
             self._free.add(page)
             heapq.heappush(self._lowest, page)
         if len(self._lowest) > 2 * self.pages:  # drop stale entries (pages taken by runs)

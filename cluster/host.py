@@ -286,7 +286,7 @@ class SessionHost(RoundHost):
     """Runs any number of sessions on one engine, or one replica of a gang (module docstring)."""
 
     def __init__(self, replica: HogwildEngine | Replica, *, prefill_chunk: int = PREFILL_CHUNK,
-                 max_waiting: int = MAX_WAITING) -> None:
+                 max_waiting: int = MAX_WAITING, prefix_cache: bool = True) -> None:
         super().__init__(max_waiting)
         if prefill_chunk < 1:
             raise ConfigError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
@@ -294,6 +294,7 @@ class SessionHost(RoundHost):
         self.engine = self.replica.engine
         self.pool_pages, self.page_size = self.engine.store.pages, self.engine.store.page_size
         self.prefill_chunk = prefill_chunk
+        self.prefix_cache = prefix_cache
         self.live: list[_Live] = []
         self.waiting: deque[_Waiting] = deque()
         self.claimed = 0  # pool pages the live sessions may hold at worst
@@ -339,9 +340,10 @@ class SessionHost(RoundHost):
     def _forward(self) -> bool:
         """ONE forward: a chunk of every session being prefilled, oldest first, up to
         ``prefill_chunk`` tokens in all, and a decode step of every session waiting for one."""
-        chunks, budget = [], self.prefill_chunk
-        for live in self.live:
-            if budget and isinstance(live.pending, Prefill):
+        chunks, budget, cold = [], self.prefill_chunk, set()
+        for live in list(self.live):
+            if budget and isinstance(live.pending, Prefill) and self._start_prompt(live, cold) \
+                    and isinstance(live.pending, Prefill):  # (a prompt cached whole has moved on)
                 n = min(budget, len(live.pending.tokens) - live.written)
                 chunks.append((live, n))
                 budget -= n
@@ -359,6 +361,8 @@ class SessionHost(RoundHost):
                        lambda: tokens.append(self.replica.decode(groups, prefills))):
             for live, n in chunks:
                 live.written += n
+                if self.prefix_cache and not live.pending.context:
+                    self.engine.store.remember_prefix(live.pending.block, live.pending.tokens[: live.written])
                 if live.written == len(live.pending.tokens):
                     live.written = 0
                     self._advance(live, None)
@@ -378,6 +382,25 @@ class SessionHost(RoundHost):
             self._drop(live, None)
         except HogwildError as err:
             self._drop(live, err)
+
+    def _start_prompt(self, live: _Live, cold: set[tuple[int, ...]]) -> bool:
+        """Before a prompt's first chunk (a prefill with no context): start its block with the cached
+        pages of its prefix (``KVStore.share_prefix``), done at once when they hold all of it.
+        ``cold``: the first pages of prompts that start this round with nothing cached; a prompt
+        that begins with one of them waits a round to share what that one writes. False: it waits."""
+        prompt = live.pending
+        if not self.prefix_cache or prompt.context or live.written or self.engine.length(prompt.block):
+            return True
+        head = tuple(prompt.tokens[: self.page_size])
+        if head in cold:
+            return False
+        live.written = self.engine.store.share_prefix(prompt.block, prompt.tokens)
+        if not live.written:
+            cold.add(head)
+        elif live.written == len(prompt.tokens):
+            live.written = 0
+            self._advance(live, None)
+        return live in self.live
 
     def _guard(self, sessions: list[_Live], call) -> bool:
         """Run a replica call for ``sessions``; if it raises, those sessions end with the error."""
