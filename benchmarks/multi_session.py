@@ -50,6 +50,8 @@ class Run:
 
 
 def run_sessions(host: SessionHost, progs: list[Program], concurrent: bool) -> Run:
+    """The sessions one after another or all at once, from an empty prefix cache."""
+    host.engine.store.forget_prefixes()
     run, start = Run(), time.perf_counter()
     batches = [progs] if concurrent else [[p] for p in progs]
     for batch in batches:

@@ -249,6 +249,10 @@ class KVStore:
             entry.length = len(shared) * self.page_size
         return entry.length
 
+    def forget_prefixes(self) -> None:
+        """Empty the prefix cache (pages blocks still hold stay theirs)."""
+        self._give(self.prefixes.evict(len(self.prefixes), self._sole))
+
     def remember_prefix(self, block: int, tokens: Sequence[int]) -> None:
         """Keep the whole pages of ``block``'s first ``len(tokens)`` tokens, which are ``tokens``,
         for later blocks that start with them (``share_prefix``)."""

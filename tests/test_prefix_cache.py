@@ -164,3 +164,18 @@ def test_a_prompt_cached_whole_is_not_written_at_all(tiny):
     h.replica.decode = lambda groups, prefills=(): prompts.extend(p for p in prefills if not p.context) or real(groups, prefills)
     assert _tokens(h.submit(prog, GREEDY).events()) == first
     assert prompts == []
+
+
+def test_forgetting_the_prefixes_frees_only_pages_nobody_else_holds():
+    store = _store(64)
+    prompt = list(range(8))
+    first = _write(store, prompt)
+    store.remember_prefix(first, prompt)
+    other = _write(store, [9] * 8)
+    store.remember_prefix(other, [9] * 8)
+    store.free(other)
+    store.forget_prefixes()
+    assert store.cached_pages == 2 and store.used_pages == 2  # the first block's pages stay cached: it holds them
+    store.free(first)
+    store.forget_prefixes()
+    assert store.cached_pages == 0 and store.free_pages == store.pages
