@@ -306,6 +306,9 @@ def test_wilson_interval():
     assert low == pytest.approx(0.2366, abs=1e-4) and high == pytest.approx(0.7634, abs=1e-4)
     assert wilson(0, 10)[0] == 0.0 and wilson(0, 10)[1] == pytest.approx(0.2775, abs=1e-4)
     assert wilson(0, 0) == (0.0, 0.0)
+    # the interval holds its proportion despite rounding (0/12 once gave a lower bound of 1e-17 > 0,
+    # a negative error bar that stopped the plot)
+    assert all(wilson(0, n)[0] == 0.0 and wilson(n, n)[1] == 1.0 for n in range(1, 200))
 
 
 def test_methods_are_parsed():
