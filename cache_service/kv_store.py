@@ -153,7 +153,7 @@ class KVStore:
     @property
     def free_pages(self) -> int:
         """Pages a request can take: free ones and those only the prefix cache holds."""
-        return len(self._free) + len(self.prefixes.evictable(self._sole))
+        return len(self._free) + sum(map(self._sole, self.prefixes.pages()))
 
     @property
     def used_pages(self) -> int:

@@ -48,7 +48,9 @@ class PrefixCache:
 
     def insert(self, tokens: Sequence[int], pages: Sequence[int]) -> list[int]:
         """Remember that ``pages`` hold the whole pages of ``tokens``; the pages newly cached (the
-        caller holds them for the cache). A page already cached for the same prefix is kept."""
+        caller holds them for the cache). Where another page is cached for the same prefix, the
+        chain stops: a cached page's holders then always hold every page before it, so a page only
+        the cache holds has nothing after it that anyone else holds, and can always be forgotten."""
         parent, added = _ROOT, []
         for key, page in zip(self._chain(tokens), pages):
             cached = self._pages.get((parent, key))
@@ -61,18 +63,10 @@ class PrefixCache:
                 if parent != _ROOT:
                     self._children[parent] += 1
                 added.append(page)
+            elif cached != page:
+                break
             parent = cached
         return added
-
-    def evictable(self, sole: Callable[[int], bool]) -> list[int]:
-        """Cached pages that ``evict`` could forget: those only the cache holds (``sole``) with no
-        page after them that someone else holds."""
-        kept: set[int] = set()
-        for page in [p for p in self._keys if not sole(p)]:  # a held page keeps its chain before it
-            while page != _ROOT and page not in kept:
-                kept.add(page)
-                page = self._keys[page][0]
-        return [page for page in self._keys if page not in kept]
 
     def evict(self, n: int, sole: Callable[[int], bool]) -> list[int]:
         """Forget up to ``n`` pages only the cache holds, least recently used last pages first."""
