@@ -1,8 +1,8 @@
 """The endpoint end to end: Ray Serve on a local Ray, real HTTP on a loopback port, a tiny random
 model in the replica. Streamed and non-streamed agree; the official ``openai`` client works
-unmodified; 8 concurrent streams each equal their run alone; a client that leaves frees its
-session's blocks; malformed requests get 4xx and the server keeps serving; the live page works in
-headless Chromium (screenshot saved)."""
+unmodified; 8 concurrent streams each equal their run alone; a client that pauses reading still
+gets its whole stream, one that leaves frees its session's blocks; malformed requests get 4xx and
+the server keeps serving; the live page works in headless Chromium (screenshot saved)."""
 
 from __future__ import annotations
 
@@ -109,18 +109,41 @@ def test_eight_concurrent_streams_each_equal_their_run_alone(http):
         assert [texts[i] for i in range(body["workers"])] == [w["text"] for w in want]
 
 
-@pytest.mark.skip(reason="known bug (issue 10, open): under Ray Serve a stream whose client stops reading "
-                         "(still connected) has its session cancelled within ~1 s; one read continuously is not; "
-                         "the disconnect itself is covered in-process through uvicorn (test_serve_api)")
+def test_a_client_that_pauses_reading_gets_its_whole_stream(http):
+    """A client still connected but not reading (for longer than its session runs) is not a client
+    that left: the session runs to its end, nothing is cancelled, and the stream it reads afterwards
+    is whole (the deltas add up to the non-streamed texts, then usage and [DONE])."""
+    body = ask(PROBLEMS[4], workers=4, max_steps=120)
+    whole = http.post(CHAT, json=body).json()
+    before = http.get("/health").json()
+    with http.stream("POST", CHAT, json={**body, "stream": True}) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()  # kept: dropping the iterator closes the connection (a real disconnect)
+        head = [line for _, line in zip(range(8), lines)]
+        assert http.get("/health").json()["live"] == 1  # paused while its session runs
+        deadline = time.monotonic() + 30
+        while (health := http.get("/health").json())["live"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)  # and a while longer, the stream waiting in buffers
+        assert health["live"] == 0 and health["cancelled"] == before["cancelled"]  # it ended by itself
+        chunks = read_sse([*head, *lines])
+    assert chunks[-1] == "[DONE]" and chunks[-2]["usage"] == whole["usage"]
+    texts = choice_texts(chunks[:-1])
+    assert [texts[i] for i in range(4)] == [w["text"] for w in whole["hogwild"]["workers"]]
+    after = http.get("/health").json()
+    assert after["cancelled"] == before["cancelled"] and after["claimed_pages"] == 0
+
+
 def test_a_client_that_leaves_frees_its_sessions_blocks(http):
     before = http.get("/health").json()
     body = {**ask(workers=4), "max_steps": 2000, "stream": True}  # would run for tens of seconds
     with http.stream("POST", CHAT, json=body) as response:
         assert response.status_code == 200
-        seen = [line for _, line in zip(range(8), response.iter_lines())]
+        lines = response.iter_lines()  # kept open until the block ends: then the client leaves
+        seen = [line for _, line in zip(range(8), lines)]
         assert any(line.startswith("data: ") for line in seen)
         during = http.get("/health").json()
-        assert during["live"] == 1, (during, before, seen)
+        assert during["live"] == 1 and during["cancelled"] == before["cancelled"], (during, before)
     deadline = time.monotonic() + 30
     while ((health := http.get("/health").json())["live"] or health["cancelled"] == before["cancelled"]) \
             and time.monotonic() < deadline:
