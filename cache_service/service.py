@@ -10,14 +10,23 @@ and its K/V is taken from a worker replica when a snapshot is saved (it is short
 Appending is O(new entries): a mirrored block is a list of chunks, concatenated only when a
 snapshot reads it (and kept concatenated). ``Progress`` records carry what a session needs to
 resume beyond the cache (see ``RunState``); the latest one goes into every snapshot's metadata.
+
+A gang of actors hosting many sessions (``cluster.gang``) pushes a ``Checkpoint`` record now and
+then, in order with its writes: the service then holds a consistent snapshot of the sessions it
+names (their blocks: mirrored ones from here, live ones sent along; their run states in the
+metadata). A replacement gang restores from it (``checkpoint_blob``) instead of recomputing the
+sessions, and with ``configure(path)`` the service also writes it to a file every ``every_s``
+seconds, to restore from when the service itself is lost.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+
 import torch
 
-from cache_service.snapshot import BlockState, KVSnapshot, SnapshotError, write_file
+from cache_service.snapshot import BlockState, KVSnapshot, SnapshotError, read_file, write_file
 
 
 @dataclass(frozen=True)
@@ -48,7 +57,23 @@ class Progress:
     state: dict
 
 
-Record = Wrote | Committed | Progress
+@dataclass(frozen=True)
+class Checkpoint:
+    """A consistent cut of a gang's cache, applied in order with the writes before it. ``blocks``:
+    the blocks to keep in the snapshot, by id, with (length, reserved tokens); ``live``: the K/V of
+    those among them the service does not mirror (from rank 0's replica; mirrored from then on, so
+    a long block is sent whole once, e.g. a prompt that began with shared pages); ``keep``: every block the
+    replica holds (the service forgets the others: sessions that ended); ``next_block``: the
+    replica's next block id; ``meta``: msgpack-able (the sessions' run states)."""
+
+    blocks: dict[int, tuple[int, int]]
+    live: dict[int, BlockState]
+    keep: list[int]
+    next_block: int
+    meta: dict = field(default_factory=dict)
+
+
+Record = Wrote | Committed | Progress | Checkpoint
 
 
 @dataclass
@@ -84,6 +109,14 @@ class CacheService:
         self.tokens: dict[int, list[int]] = {}
         self.run: dict | None = None  # the latest ``Progress`` state
         self.applied = 0  # records applied (a pusher's back-pressure and tests read it)
+        self.cut: tuple | None = None  # the latest ``Checkpoint``: (blocks, next_block, meta), tensors held
+        self.cut_blob: bytes | None = None  # ... as a snapshot, once built (or the one loaded)
+        self.checkpoints = 0
+        self.path: str | None = None  # where checkpoints are written (``configure``)
+        self.every_s = 0.0
+        self.written_at: float | None = None
+        self.written = 0  # checkpoint files written
+        self.write_error: str | None = None  # why the last write failed
 
     def ping(self) -> bool:
         return True
@@ -100,6 +133,8 @@ class CacheService:
                 self._wrote(record)
             elif isinstance(record, Committed):
                 self._committed(record)
+            elif isinstance(record, Checkpoint):
+                self._checkpoint(record)
             else:
                 self.run = record.state
         self.applied += len(records)
@@ -131,6 +166,50 @@ class CacheService:
         if len(chunks) > 1:
             chunks[:] = [torch.cat(chunks, dim=3)]
         return chunks[0]
+
+    # ---- checkpoints (a gang's sessions) -----------------------------------------------------
+    def configure(self, path: str | None, every_s: float = 10.0) -> None:
+        """Write each checkpoint to ``path`` (atomically), at most every ``every_s`` seconds."""
+        self.path, self.every_s, self.written_at = path, every_s, None
+
+    def _checkpoint(self, r: Checkpoint) -> None:
+        keep = set(r.keep)
+        for table in (self.chunks, self.lengths, self.tokens):
+            for block in [b for b in table if b not in keep]:
+                del table[block]
+        for b, state in r.live.items():  # sent whole: mirrored from here on (the sender marks them so too)
+            self.chunks[b], self.lengths[b] = [state.entries], state.entries.shape[3]
+        blocks = {}
+        for b, (length, capacity) in r.blocks.items():
+            if b in self.chunks:
+                parts = list(self.chunks[b])  # the tensors are never changed in place: holding them is enough
+            else:
+                return  # not consistent (e.g. the records before it were lost): keep the previous one
+            if sum(p.shape[3] for p in parts) != length:
+                return
+            blocks[b] = (parts, capacity, list(self.tokens.get(b, [])))
+        self.cut, self.cut_blob = (blocks, r.next_block, r.meta), None
+        self.checkpoints += 1
+        now = time.monotonic()
+        if self.path and (self.written_at is None or now - self.written_at >= self.every_s):
+            try:
+                write_file(self.path, self.checkpoint_blob())
+                self.written_at, self.written, self.write_error = now, self.written + 1, None
+            except SnapshotError as err:  # the sessions go on; a lost service then cannot restore
+                self.written_at, self.write_error = now, str(err)
+
+    def checkpoint_blob(self) -> bytes | None:
+        """The latest checkpoint (or the snapshot loaded last) as snapshot bytes; None when there is none."""
+        if self.cut_blob is None and self.cut is not None:
+            blocks, next_block, meta = self.cut
+            states = {b: BlockState(parts[0] if len(parts) == 1 else torch.cat(parts, dim=3), capacity, tokens)
+                      for b, (parts, capacity, tokens) in blocks.items()}
+            self.cut_blob = KVSnapshot(states, next_block, meta).to_bytes()
+        return self.cut_blob
+
+    def load_file(self, path: str) -> dict:
+        """``load`` a snapshot file on this actor's node (a checkpoint written by ``configure``)."""
+        return self.load(read_file(path))
 
     # ---- queries -----------------------------------------------------------------------------
     def block_tokens(self, block: int) -> list[int]:
@@ -180,4 +259,5 @@ class CacheService:
         self.lengths = {b: s.entries.shape[3] for b, s in snapshot.blocks.items()}
         self.tokens = {b: list(s.tokens) for b, s in snapshot.blocks.items()}
         self.run = snapshot.meta.get("run")
+        self.cut, self.cut_blob = None, bytes(blob)  # restoring again (before a new checkpoint) starts here too
         return snapshot.meta

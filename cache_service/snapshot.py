@@ -182,4 +182,5 @@ def restore(store: KVStore, snapshot: KVSnapshot) -> None:
                 f"block {block} is {shape} {state.entries.dtype}, the cache holds "
                 f"[{layers}, 2, {kv_heads}, n, {head_dim}] {store.pool.dtype}; restore with the same model and dtype"
             )
-        store.append(made, state.entries.to(store.pool.device))
+        if state.entries.shape[3]:  # an empty block (e.g. a step block just committed) has nothing to write
+            store.append(made, state.entries.to(store.pool.device))

@@ -52,8 +52,8 @@ def build_parser(extra: Mapping[str, Command] | None = None) -> argparse.Argumen
     run.add_argument("--temperature", type=float, default=0.6, help="0 for greedy")
     run.add_argument("--top-p", type=float, default=0.95)
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--repetition-penalty", type=float, default=1.0,
-                     help="divides the logits of each worker's last 64 tokens (1: off; default 1.0)")
+    run.add_argument("--repetition-penalty", type=float, default=1.1,
+                     help="divides the logits of each worker's last 64 tokens (1: off; default 1.1)")
     run.add_argument("--kv-tokens", type=int, default=None,
                      help="KV pool size in tokens (default: 32k on CPU, 90%% of free GPU memory on CUDA)")
     run.add_argument("--kv-memory-fraction", type=float, default=None,
@@ -93,8 +93,8 @@ def _add_eval(commands) -> None:
     ev.add_argument("--temperature", type=float, default=0.6, help="0 for greedy")
     ev.add_argument("--top-p", type=float, default=0.95)
     ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--repetition-penalty", type=float, default=1.0,
-                    help="divides the logits of each worker's last 64 tokens (1: off; default 1.0)")
+    ev.add_argument("--repetition-penalty", type=float, default=1.1,
+                    help="divides the logits of each worker's last 64 tokens (1: off; default 1.1)")
     ev.add_argument("--max-step-tokens", type=int, default=128, help="longest step before it is cut")
     ev.add_argument("--check-every", type=int, default=64, help="redundancy check every N tokens (0: off)")
     ev.add_argument("--layout", default="combined", help="combined | contiguous | interleaved")
@@ -171,13 +171,18 @@ def _config(args: argparse.Namespace):
 
 def _saved_session(args: argparse.Namespace):
     """A session that saves itself (``--save``) or continues a saved one (``--resume``)."""
-    from cluster.resume import SavedSession
+    from cluster.resume import RaySavedSession, SavedSession
 
-    if args.actors:
-        raise ConfigError("--save and --resume run the session in this process; leave out --actors")
+    if args.resume and args.problem is not None:
+        raise ConfigError("--resume continues the saved problem; leave out the problem")
+    if _runner(args) is not None:  # on Ray worker actors (the address checked before anything loads)
+        options = {"strategy": args.placement.upper(), "address": args.ray_address}
+        if args.resume:
+            return RaySavedSession.resume(args.resume, args.actors, save_to=args.save, every=args.save_every,
+                                          **options)
+        return RaySavedSession.new(args.problem, _config(args), args.actors, save_to=args.save,
+                                   every=args.save_every, **options)
     if args.resume:
-        if args.problem is not None:
-            raise ConfigError("--resume continues the saved problem; leave out the problem")
         return SavedSession.resume(args.resume, save_to=args.save, every=args.save_every)
     return SavedSession.new(args.problem, _config(args), save_to=args.save, every=args.save_every)
 

@@ -34,7 +34,7 @@ import torch
 
 from cache_service.errors import ConfigError, HogwildError
 from cache_service.planner import Mode
-from cluster.events import Event
+from cluster.events import Event, Started
 from cluster.protocol import Decode, Prefill, Program, Request, Steps
 from cluster.transcript import SessionResult, TranscriptBuilder
 from workers.backend import DecodeGroup, LocalBackend, PrefillChunk, Replica
@@ -229,6 +229,11 @@ class RoundHost:
         """Whether handles run rounds themselves (no background thread)."""
         return self._thread is None
 
+    @property
+    def closed(self) -> bool:
+        """Whether the host no longer takes sessions (closed, or its gang failed for good)."""
+        return self._closed
+
     def start(self) -> RoundHost:
         """Run rounds on a background thread until ``close``."""
         if self._thread is None:
@@ -314,6 +319,27 @@ class SessionHost(RoundHost):
 
     def _waiting_count(self) -> int:
         return len(self.waiting)
+
+    def adopt(self, program: Program, state: dict, blocks: Sequence[int], params: SamplingParams,
+              mode: Mode | str, rng: dict[int, bytes]) -> SessionHandle:
+        """Take over a session restored from a snapshot (``cluster.gang`` after a recovery): its
+        ``blocks`` are in the engine already, ``state`` continues its program (``Program.resume``),
+        ``rng`` holds each worker's generator state. Admitted at once (its worst case claimed)."""
+        handle = SessionHandle(self, next(self._ids), program)
+        config = program.config  # the handle's transcript starts here (the text before is not known)
+        handle.builder.add(Started(config.names, program.layout.name, len(program.prompt_ids), config.max_steps),
+                           time.perf_counter())
+        owned = _Blocks(self.engine)
+        owned.owned = list(blocks)
+        generators = [worker_generator(params, w) for w in range(program.config.workers)]
+        for worker, blob in rng.items():
+            generators[worker].set_state(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
+        pages = program.worst_case_pages(self.page_size)
+        live = _Live(handle, program.resume(owned, state), owned, params, Mode.parse(mode), pages, generators)
+        self.claimed += pages
+        self.live.append(live)
+        self._advance(live, None)
+        return handle
 
     def _cancel(self, handle: SessionHandle) -> None:
         for entry in [e for e in [*self.live, *self.waiting] if e.handle is handle]:

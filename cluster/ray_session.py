@@ -41,6 +41,7 @@ STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 DEVICES = ("auto", "cpu", "cuda")
 SERVICE_CPUS = 0.1
 FAILURE_GRACE_S = 3.0  # after a failure, how long to wait for the other actors' errors
+SALVAGE_S = 10.0  # after a failure, how long to wait for the CacheService's last checkpoint
 
 
 class ResourcesError(ClusterError):
@@ -151,9 +152,15 @@ class RaySession:
     """Actors of one session; use as a context manager (``close`` tears everything down)."""
 
     def __init__(self, config: RayConfig, spec: EngineSpec, *, snapshot: str | Path | None = None,
-                 actor_class: type = WorkerActor) -> None:
+                 actor_class: type = WorkerActor, salvage: bool = False,
+                 group: PlacementGroup | None = None) -> None:
         self.config, self.spec, self.snapshot = config, spec, snapshot
+        # a group reserved by its owner (e.g. a Serve replica's): the session takes its last
+        # actors + 1 bundles (the actors', then the service's) and leaves the group to the owner
+        self.given, self._first_bundle = group, 0
         self.actor_class = actor_class
+        self.salvage = salvage  # on a failure, keep the CacheService's last checkpoint (``salvaged``)
+        self.salvaged: bytes | None = None
         self.actors: list[Any] = []
         self.service: Any = None
         self.identities: list[dict] = []
@@ -182,6 +189,13 @@ class RaySession:
         return self
 
     def _reserve(self, device: str) -> None:
+        if self.given is not None:
+            have, need = len(self.given.bundle_specs), self.config.actors + 1
+            if have < need:
+                raise ConfigError(f"the given placement group has {have} bundles; {self.config.actors} worker "
+                                  f"actors and the cache service need {need} (one per actor, then the service's)")
+            self.group, self._first_bundle = self.given, have - need
+            return
         wanted = bundles(self.config, device)
         check_resources(wanted)
         self.group = placement_group(wanted, strategy=self.config.strategy)
@@ -196,9 +210,7 @@ class RaySession:
             ) from None
 
     def _spawn(self, device: str) -> None:
-        service_cls = ray.remote(CacheService).options(
-            num_cpus=SERVICE_CPUS, scheduling_strategy=self._bundle(self.config.actors))
-        self.service = service_cls.remote()
+        self.service = self._new_service()
         resources = {"num_gpus": 1, "num_cpus": 0} if device == "cuda" else {"num_cpus": self.config.cpus_per_actor}
         worker_cls = ray.remote(self.actor_class)
         for rank in range(self.config.actors):
@@ -234,6 +246,41 @@ class RaySession:
         self._ask_service("load", ref)
         self.call("reset", mode, ref)
 
+    def _new_service(self) -> Any:
+        service_cls = ray.remote(CacheService).options(
+            num_cpus=SERVICE_CPUS, scheduling_strategy=self._bundle(self.config.actors))
+        return service_cls.remote()
+
+    def replace_service(self) -> None:
+        """A new, empty CacheService in the old one's bundle (the old one was lost, or is killed now)."""
+        try:
+            ray.kill(self.service, no_restart=True)
+        except (RayError, ValueError):
+            pass  # already gone
+        self.service = self._new_service()
+        try:
+            ray.get(self.service.ping.remote(), timeout=self.config.start_timeout_s)
+        except GetTimeoutError:
+            raise ClusterError(f"a new cache service did not start within {self.config.start_timeout_s:.0f}s; "
+                               "check the node of the session's placement group") from None
+
+    def configure_service(self, path: str | None, every_s: float) -> None:
+        """Have the CacheService write its checkpoints to ``path`` (see ``CacheService.configure``)."""
+        self.ask_service("configure", path, every_s)
+
+    def ask_service(self, method: str, *args: Any) -> Any:
+        """A CacheService call (waits up to ``start_timeout_s``); its own errors raised as themselves."""
+        return self._ask_service(method, *args)
+
+    def _salvage(self) -> None:
+        """Keep the CacheService's last checkpoint before the session is torn down after a failure."""
+        if not self.salvage or self.service is None:
+            return
+        try:
+            self.salvaged = ray.get(self.service.checkpoint_blob.remote(), timeout=SALVAGE_S)
+        except RayError:
+            self.salvaged = None
+
     def _ask_service(self, method: str, *args: Any) -> Any:
         """A CacheService call; its own errors (e.g. a bad snapshot) are raised as themselves."""
         try:
@@ -244,7 +291,8 @@ class RaySession:
             raise
 
     def _bundle(self, index: int) -> PlacementGroupSchedulingStrategy:
-        return PlacementGroupSchedulingStrategy(placement_group=self.group, placement_group_bundle_index=index)
+        return PlacementGroupSchedulingStrategy(placement_group=self.group,
+                                                placement_group_bundle_index=self._first_bundle + index)
 
     # ---- lockstep calls ----------------------------------------------------------------------
     def call(self, method: str, *args: Any, timeout_s: float | None = None, **kwargs: Any) -> list:
@@ -311,9 +359,9 @@ class RaySession:
                 except (RayError, ValueError):
                     pass  # already gone
         self.actors, self.service = [], None
-        if self.group is not None:
+        if self.group is not None and self.group is not self.given:
             remove_placement_group(self.group)
-            self.group = None
+        self.group = None
         if self._owns_ray:
             ray.shutdown()
             self._owns_ray = False
@@ -362,6 +410,7 @@ class RaySession:
         causes = {r: e.cause if isinstance(e, RayTaskError) else None for r, e in errors.items()}
         if len(errors) == len(self.actors) and all(isinstance(c, HogwildError) for c in causes.values()):
             return causes[min(causes)]
+        self._salvage()
         self.close()
         dead = {r: e for r, e in errors.items() if isinstance(e, RayActorError)}
         failed = {r: e for r, e in errors.items() if r not in dead}

@@ -11,7 +11,8 @@ step) and, in its metadata, the session (problem and config), the ``RunState`` (
 the protocol's run state, each worker's sampling RNG state) and the events reported so far (the
 transcript is rebuilt from them). A file is written while the run waits for a decode step's tokens,
 so the resumed run makes that request again and goes on exactly as the saved one would have.
-Sessions in this process only (not ``--actors``).
+``SavedSession`` runs in this process; ``RaySavedSession`` on Ray worker actors (``--actors``),
+saving from the gang's checkpoints in the CacheService; each resumes the other's files.
 """
 
 from __future__ import annotations
@@ -28,13 +29,13 @@ import cluster.events as events_module
 from cache_service.errors import ConfigError
 from cache_service.kv_store import PoolConfig
 from cache_service.service import RunState
-from cache_service.snapshot import KVSnapshot, SnapshotError, capture, restore
+from cache_service.snapshot import KVSnapshot, SnapshotError, capture, read_file, restore
 from cluster.codec import codec_for
 from cluster.events import Event
 from cluster.layouts import Layout
 from cluster.protocol import Decode, Prefill, Program, ProtocolConfig, check_problem
 from cluster.prompts import Templates
-from cluster.session import SessionConfig, open_model
+from cluster.session import SessionConfig, open_model, open_model_info
 from cluster.transcript import SessionResult, TranscriptBuilder
 from workers.backend import LocalBackend
 from workers.engine import HogwildEngine
@@ -146,6 +147,115 @@ class SavedSession:
         meta = {"kind": KIND, "problem": self.program.problem, "config": config_meta(self.config),
                 "run": state.to_dict(), "events": [event.to_dict() for event in self.past]}
         return KVSnapshot(capture(store), max(store.blocks, default=-1) + 1, meta).save(path)
+
+
+class RaySavedSession:
+    """``SavedSession`` on a gang of Ray worker actors (``hogwild run --actors N --save/--resume``).
+    The gang checkpoints its session to the CacheService every call; every ``every`` decode steps
+    the latest checkpoint is written to ``save_to`` as a session file (the same format as
+    ``SavedSession``'s, so either kind resumes the other's files). ``resume`` continues a session
+    file on a new gang. ``options``: ``RayConfig`` fields (strategy, address, ...)."""
+
+    def __init__(self, program: Program, config: SessionConfig, actors: int, *, save_to: str | Path | None,
+                 every: int, past: list[Event] | None = None, snapshot: bytes | None = None,
+                 saved: dict | None = None, options: dict | None = None, model: Any = None) -> None:
+        _check_every(save_to, every)
+        self.model = model  # what the actors load (a ``ModelSpec``; default: the config's model by name)
+        self.program, self.config, self.actors, self.options = program, config, actors, dict(options or {})
+        self.save_to, self.every = (Path(save_to) if save_to else None), every
+        self.past = list(past or [])  # the session's events (not ``Recovered``): what a file replays
+        self.snapshot, self.saved = snapshot, saved
+        self.resumed_at = RunState.from_dict(saved["run"]).steps if saved else 0
+        self.builder = TranscriptBuilder(program.problem, time.perf_counter())
+        self._stream: Iterator[Event] | None = None
+
+    @classmethod
+    def new(cls, problem: str, config: SessionConfig, actors: int, *, save_to: str | Path | None, every: int,
+            lm: LoadedModel | None = None, model: Any = None, **options: Any) -> "RaySavedSession":
+        check_problem(problem)
+        _check_every(save_to, every)
+        _check_saveable(config)
+        return cls(_program(problem, config, lm), config, actors, save_to=save_to, every=every, options=options,
+                   model=model)
+
+    @classmethod
+    def resume(cls, path: str | Path, actors: int, *, save_to: str | Path | None = None, every: int = 16,
+               lm: LoadedModel | None = None, model: Any = None, **options: Any) -> "RaySavedSession":
+        """The session saved in ``path`` continued on ``actors`` new worker actors."""
+        _check_every(save_to, every)
+        blob = read_file(path)
+        snapshot = KVSnapshot.from_bytes(blob)
+        meta = _session_meta(snapshot, path)
+        config = config_from(meta["config"])
+        past = [event_from(d) for d in meta["events"]]
+        saved = {"run": meta["run"], "blocks": sorted(snapshot.blocks), "events": len(past)}
+        return cls(_program(meta["problem"], config, lm), config, actors, save_to=save_to, every=every, past=past,
+                   snapshot=blob, saved=saved, options=options, model=model)
+
+    def events(self) -> Iterator[Event]:
+        if self._stream is None:
+            self._stream = self._run()
+        return self._stream
+
+    def result(self) -> SessionResult:
+        for _ in self.events():
+            pass
+        return self.builder.result()
+
+    def close(self) -> None:
+        """Stop the session (its gang is removed); a saved file stays."""
+        if self._stream is not None:
+            self._stream.close()
+
+    def _run(self) -> Iterator[Event]:
+        from cluster.gang import GangHost
+        from cluster.ray_session import RayConfig
+        from workers.actor import EngineSpec, ModelSpec
+
+        for event in self.past:
+            self.builder.add(event, time.perf_counter())
+            yield event
+        config = self.config
+        ray_config = RayConfig.split(config.protocol.workers, self.actors, **self.options)
+        spec = EngineSpec(self.model or ModelSpec(config.model), sampling=config.sampling, pool=config.pool)
+        with GangHost(ray_config, spec, checkpoint_every=1) as host:
+            if self.snapshot is None:
+                handle = host.submit(self.program, config.sampling, config.mode)
+            else:
+                handle = host.resume(self.program, config.sampling, config.mode, self.snapshot, self.saved)
+            saved_at = self.resumed_at
+            for event in handle.events():
+                self.builder.add(event, time.perf_counter())
+                if not isinstance(event, events_module.Recovered):
+                    self.past.append(event)
+                yield event
+                if isinstance(event, events_module.Tick) and self.save_to and event.step - saved_at >= self.every:
+                    saved_at = self._save(host, handle.id, saved_at)
+
+    def _save(self, host: Any, session_id: int, saved_at: int) -> int:
+        """Write the gang's last checkpoint of the session; the decode steps it holds."""
+        checkpoint = host.checkpoint()
+        saved = None if checkpoint is None else checkpoint.meta.get("sessions", {}).get(str(session_id))
+        if saved is None or saved["events"] > len(self.past):
+            return saved_at  # none yet (e.g. the session is still prefilling)
+        blocks = {b: checkpoint.blocks[b] for b in saved["blocks"]}
+        meta = {"kind": KIND, "problem": self.program.problem, "config": config_meta(self.config),
+                "run": saved["run"], "events": [event.to_dict() for event in self.past[: saved["events"]]]}
+        KVSnapshot(blocks, checkpoint.next_block, meta).save(self.save_to)
+        return RunState.from_dict(saved["run"]).steps
+
+
+def _program(problem: str, config: SessionConfig, lm: LoadedModel | None) -> Program:
+    """The session's program; only the tokenizer is needed here (the actors load the model)."""
+    info = lm.info if lm is not None else open_model_info(config.model)
+    return Program(problem, config.protocol, codec_for(info.tokenizer, info.config.vocab_size), info.max_context)
+
+
+def _session_meta(snapshot: KVSnapshot, path: str | Path) -> dict:
+    meta = snapshot.meta
+    if meta.get("kind") != KIND or "run" not in meta:
+        raise SnapshotError(f"{path} is not a saved session; give a file written by `hogwild run --save`")
+    return meta
 
 
 # ---- plain data for the file ---------------------------------------------------------------------

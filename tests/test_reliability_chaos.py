@@ -78,12 +78,13 @@ def test_a_killed_actor_is_replaced_and_the_session_is_unchanged(tiny, no_leaks,
     rng = random.Random(seed)
     target = program(tiny, PROBLEMS[0], workers=2, max_steps=60)
     want = local(tiny, target, sampling, mode)
-    with GangHost(RayConfig((1, 1)), SPEC) as host:
-        got, recovered = run_with_kills(host, host.submit(target, sampling, mode), [rng.randrange(2, 20)], rng)
+    with GangHost(RayConfig((1, 1)), SPEC, checkpoint_every=1) as host:
+        got, recovered = run_with_kills(host, host.submit(target, sampling, mode), [rng.randrange(12, 30)], rng)
         assert host.recoveries == 1
     assert got == want, f"seed {seed}"
     assert len(recovered) == 1 and recovered[0].message.startswith("worker actor ")
     assert " lost; recovered in " in recovered[0].message, recovered[0].message
+    assert "1 restored from the cache service's checkpoint" in recovered[0].message, recovered[0].message
 
 
 def test_three_kills_in_one_session_with_another_session_on_the_host(tiny, no_leaks):
@@ -92,7 +93,7 @@ def test_three_kills_in_one_session_with_another_session_on_the_host(tiny, no_le
     target = program(tiny, PROBLEMS[3], workers=3, max_steps=80)
     other = program(tiny, PROBLEMS[5], workers=2, max_steps=45)
     want, want_other = local(tiny, target, SEEDED), local(tiny, other)
-    with GangHost(RayConfig((1, 1)), SPEC) as host:
+    with GangHost(RayConfig((1, 1)), SPEC, checkpoint_every=1) as host:
         second = host.submit(other, GREEDY, "instant")
         got, recovered = run_with_kills(host, host.submit(target, SEEDED, "instant"), [4, 20, 40], rng)
         got_other = [e for e in second.events() if not isinstance(e, Recovered)]
@@ -112,3 +113,28 @@ def test_giving_up_after_the_retries_is_a_clear_error(tiny, no_leaks):
         with pytest.raises(ActorFailedError, match=r"worker actor rank 1 .*died") as caught:
             list(events)
     assert "gave up after 0 recoveries" in "".join(getattr(caught.value, "__notes__", []))
+
+
+@pytest.mark.parametrize("mode, sampling", [("instant", GREEDY), ("lagged", SEEDED)], ids=["greedy-instant",
+                                                                                          "seeded-lagged"])
+def test_a_killed_cache_service_is_restored_from_its_snapshot(tiny, no_leaks, tmp_path, mode, sampling):
+    """The CacheService is killed mid-session: a new one is restored from the last snapshot file,
+    the actors roll back to it, and the steps after it are generated again, identically."""
+    target = program(tiny, PROBLEMS[1], workers=2, max_steps=60)
+    want = local(tiny, target, sampling, mode)
+    with GangHost(RayConfig((1, 1)), SPEC, checkpoint_every=1, snapshot_dir=tmp_path, snapshot_every_s=0) as host:
+        got, recovered = [], []
+        for event in host.submit(target, sampling, mode).events():
+            if isinstance(event, Recovered):
+                recovered.append(event)
+                continue
+            got.append(event)
+            if isinstance(event, Tick) and event.step == 20 and not recovered:
+                ray.kill(host.session.service, no_restart=True)
+        assert host.recoveries == 1
+    assert got == want
+    assert len(recovered) == 1 and recovered[0].lost == ()
+    message = recovered[0].message
+    assert message.startswith("the cache service was lost; recovered in "), message
+    assert "1 restored from the cache service's checkpoint" in message, message
+    assert [p.name for p in tmp_path.iterdir()] == [host.snapshot_file.name]

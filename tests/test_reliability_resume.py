@@ -94,7 +94,8 @@ def test_resume_in_a_fresh_process_through_the_cli(tmp_path, sampling):
 
 
 @pytest.mark.parametrize("args, match", [
-    (["run", "2+2?", "--actors", "2", "--save", "s.hwkv"], "leave out --actors"),
+    (["run", "2+2?", "--actors", "-1", "--save", "s.hwkv"], "--actors must be >= 0"),
+    (["run", "2+2?", "--actors", "2", "--resume", "s.hwkv"], "leave out the problem"),
     (["run", "2+2?", "--resume", "s.hwkv"], "leave out the problem"),
     (["run", "--resume", "/no/such/file.hwkv"], "cannot read the snapshot"),
     (["run", "2+2?", "--save", "s.hwkv", "--save-every", "0"], "--save-every must be >= 1"),
@@ -104,3 +105,39 @@ def test_save_and_resume_mistakes_are_one_line(args, match, capsys):
     from tests.test_cli import assert_one_line_error
 
     assert_one_line_error(main(args), capsys.readouterr().err, match)
+
+
+@pytest.mark.parametrize("sampling, mode", [(SamplingParams(), "instant"),
+                                            (SamplingParams(temperature=0.9, seed=3), "lagged")],
+                         ids=["greedy-instant", "seeded-lagged"])
+def test_a_host_adopts_a_session_restored_from_a_snapshot(sampling, mode):
+    """What a gang does after a recovery, in one process: a session's blocks and run state taken at
+    a decode-step boundary, restored into another engine and adopted by another host, go on
+    exactly as the uninterrupted session."""
+    from cache_service.kv_store import PoolConfig
+    from cache_service.snapshot import KVSnapshot, capture, restore
+    from cluster.gang import _Tracked
+    from cluster.host import SessionHost
+    from workers.engine import HogwildEngine
+
+    lm, pool = tiny_model("llama"), PoolConfig(tokens=1 << 13)
+    program = Session(PROBLEM, config(sampling, mode), lm=lm).program
+    want = list(SessionHost(HogwildEngine(lm, pool=pool)).submit(program, sampling, mode).events())
+    first = SessionHost(HogwildEngine(lm, pool=pool))
+    handle = first.submit(_Tracked(program), sampling, mode)
+    while not first.live or first.live[0].handle.program.run.steps < 9:
+        first.step()
+    got = handle.poll()
+    split = len(got)
+    live = first.live[0]
+    assert live.handle.program.run.boundary
+    state = live.handle.program.run.state()
+    rng = {w: g.get_state().numpy().tobytes() for w, g in enumerate(live.generators)}
+    store = first.engine.store
+    blob = KVSnapshot(capture(store, live.blocks.owned), max(store.blocks) + 1, {}).to_bytes()
+    second = SessionHost(HogwildEngine(lm, pool=pool))
+    restore(second.engine.store, KVSnapshot.from_bytes(blob))
+    adopted = second.adopt(_Tracked(program), state, live.blocks.owned, sampling, mode, rng)
+    got += list(adopted.events())
+    assert got == want
+    assert [e.step for e in want[:split] if isinstance(e, Tick)][-1] == 9  # it was split mid-session

@@ -138,6 +138,16 @@ class ServiceRecorder:
             raise HogwildError(f"the cache service died ({self.lost}); the session goes on but cannot be "
                                "saved: start it again to save it")
 
+    def poll(self) -> str | None:
+        """Settle the pushes already answered, without waiting; why the service is gone, if it is."""
+        if self.in_flight and self.lost is None:
+            done, _ = ray.wait(list(self.in_flight), num_returns=len(self.in_flight), timeout=0)
+            for ref in done:
+                if self.lost is None:
+                    self.in_flight.remove(ref)
+                    self._settle(ref, self.timeout_s)
+        return self.lost
+
     def _push(self, records: list[Record]) -> None:
         if self.lost is not None:
             return
@@ -210,6 +220,12 @@ class WorkerActor:
                                     direct_min=self.spec.direct_min, overlap_min=self.spec.overlap_min)
         self._backend = DistributedBackend(self.engine, self.spec.sampling, self.placement, self.collective,
                                            self.recorder)
+
+    def attach_service(self, service: Any) -> None:
+        """Report to a new CacheService (rank 0; the previous one was lost)."""
+        if self.placement.rank == 0:
+            self.recorder = ServiceRecorder(service)
+            self.backend.recorder = self.recorder
 
     @property
     def backend(self) -> DistributedBackend:
