@@ -53,7 +53,7 @@ class Templates:
     peer_tail: str = " ...\n\n"
     own_header: str = "Now {name} continues:\n\n"
     step_prefix: str = "{name} (step {step}):"
-    check: str = " Wait, is another worker already doing this? (yes/no):"
+    check: str = " Wait, is another worker already doing this? In short,"  # a sentence follows, not a list
     step_separator: str = "\n\n"  # closes a step cut off at the token limit
     finisher: str = "\n\nTime is up. Putting together what we all found, the final answer is \\boxed{"
     step_end: str = STEP_END

@@ -39,7 +39,8 @@ class SessionConfig:
     and the engine's KV pool."""
 
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
-    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.6, top_p=0.95))
+    sampling: SamplingParams = field(
+        default_factory=lambda: SamplingParams(temperature=0.6, top_p=0.95, repetition_penalty=1.1))
     model: str = "default"
     mode: str = "instant"
     pool: PoolConfig = field(default_factory=PoolConfig)

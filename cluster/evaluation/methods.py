@@ -83,7 +83,7 @@ class EvalSettings:
     check_every: int = 64
     answer_tokens: int = 16
     kv_tokens: int | None = field(default=None, compare=False)  # the pool: no effect on results
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = 1.1
 
     def __post_init__(self) -> None:
         wrong = [b for b in self.budgets if not isinstance(b, int) or b <= 0]
