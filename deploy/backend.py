@@ -64,7 +64,7 @@ class ServeBackend:
     @property
     def alive(self) -> bool:
         """Whether the host still takes sessions (a gang whose actor failed closes itself)."""
-        return not self.host._closed
+        return not self.host.closed
 
     def program(self, problem: str, options: SessionOptions) -> Program:
         config = self.config
