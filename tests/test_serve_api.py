@@ -367,3 +367,15 @@ def test_endpoint_settings_are_checked():
     gang = deployment_options(ServeConfig(actors=2), "cuda")
     assert gang["placement_group_bundles"] == [{"CPU": 1.0}, {"GPU": 1.0}, {"GPU": 1.0}, {"CPU": 0.1}]
     assert gang_bundles(ServeConfig(actors=1), "cpu")[1] == {"CPU": 1.0}
+
+
+def test_a_gang_in_a_group_of_the_wrong_size_is_refused_before_it_starts():
+    from types import SimpleNamespace
+
+    from cache_service.errors import ConfigError
+    from deploy.gang import gang_bundles, start_gang
+
+    config = ServeConfig(model=TINY, actors=2)
+    short = SimpleNamespace(bundle_specs=gang_bundles(config, "cpu")[:-1])  # no Ray is started: refused first
+    with pytest.raises(ConfigError, match="3 bundles, a gang of 2 actors needs 4"):
+        start_gang(config, short)
