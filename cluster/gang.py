@@ -272,14 +272,17 @@ class GangHost(RoundHost):
             return True
 
     def resume(self, program: Any, sampling: SamplingParams, mode: Mode | str, snapshot: bytes,
-               saved: dict) -> SessionHandle:
+               saved: dict, past: Sequence[Any] = ()) -> SessionHandle:
         """Continue a saved session (``cluster.resume``) on this gang, which must not have run any
         session yet: its cache is restored from ``snapshot`` (the session's blocks) and its program
-        from ``saved`` (``run``: a ``RunState`` dict, ``blocks``, ``events`` reported before)."""
+        from ``saved`` (``run``: a ``RunState`` dict, ``blocks``, ``events`` reported before, which
+        are ``past``: the handle's result includes them; they are not delivered again)."""
         with self._round, self._lock:
             if self.open or self._inbox or self.calls:
                 raise ConfigError("a saved session can only be resumed on a gang that has run no session yet")
             handle = SessionHandle(self, next(self._ids), program)
+            for event in past:
+                handle.builder.add(event, time.perf_counter())
             mode = Mode.parse(mode).value
             ref = ray.put(_as_gang(snapshot, {str(handle.id): saved}))
             self.session.ask_service("load", ref)

@@ -222,7 +222,8 @@ class RaySavedSession:
             if self.snapshot is None:
                 handle = host.submit(self.program, config.sampling, config.mode)
             else:
-                handle = host.resume(self.program, config.sampling, config.mode, self.snapshot, self.saved)
+                handle = host.resume(self.program, config.sampling, config.mode, self.snapshot, self.saved,
+                                     self.past)
             saved_at = self.resumed_at
             for event in handle.events():
                 self.builder.add(event, time.perf_counter())
