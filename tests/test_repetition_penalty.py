@@ -8,13 +8,18 @@ import pytest
 import torch
 
 from cache_service.errors import ConfigError
+from cache_service.kv_store import PoolConfig
 from cluster.events import Delta, Finished
+from cluster.host import SessionHost
 from cluster.protocol import RECENT_TOKENS, Decode
 from cluster.resume import SavedSession
 from cluster.session import Session
 from tests.conftest import tiny_model
 from tests.test_host import _others, host, program, run_alone, texts, tiny  # noqa: F401 (fixture)
 from tests.test_reliability_resume import PROBLEM, config, stopped_at
+from workers.distributed import DistributedBackend, Placement
+from workers.engine import HogwildEngine
+from workers.exchange import Collective
 from workers.sampling import SamplingParams, penalize, sample, worker_generator
 
 PENALISED = SamplingParams(temperature=0.8, top_p=0.9, seed=7, repetition_penalty=1.5)
@@ -110,3 +115,16 @@ def test_a_resumed_penalised_session_equals_an_uninterrupted_one(tmp_path):
 
 def _sampled(events) -> list[str]:
     return [e.text for e in events if isinstance(e, Delta) and not e.forced]
+
+
+def _world_one(tiny, params: SamplingParams) -> DistributedBackend:
+    engine = HogwildEngine(tiny, pool=PoolConfig(tokens=1 << 15))
+    return DistributedBackend(engine, params, Placement((2,), 0), Collective(0, 1, torch.device("cpu")), None)
+
+
+def test_the_distributed_backend_penalises_like_the_local_one(tiny):
+    """A one-actor gang's step (a session driven on actors) and decode (a gang's session host)."""
+    target = program(tiny, "What is 2 + 3?", max_steps=40)
+    want = run_alone(tiny, target, PENALISED)
+    assert texts(target.run(_world_one(tiny, PENALISED))) == texts(want)
+    assert texts(SessionHost(_world_one(tiny, PENALISED)).submit(target, PENALISED).events()) == texts(want)
