@@ -49,7 +49,7 @@ def run(spec: EngineSpec, program: Program, kill_at: int, checkpoint_every: int)
             if isinstance(event, Recovered):
                 out["recovered_s"], out["message"] = event.seconds, event.message
                 continue
-            if killed and "next_event_s" not in out:
+            if "message" in out and "next_event_s" not in out:  # the first event generated after it
                 out["next_event_s"] = time.monotonic() - killed[0]
             if isinstance(event, Tick) and event.step == kill_at:
                 killed.append(time.monotonic())
