@@ -103,6 +103,8 @@ def _add_eval(commands) -> None:
     ev.add_argument("--concurrency", type=int, default=8, help="problems in flight per host (default 8)")
     ev.add_argument("--ray", action="store_true", help="run on Ray (automatic inside a Ray job)")
     ev.add_argument("--hosts", type=int, default=0, help="Ray session hosts (0: one per GPU, else one)")
+    ev.add_argument("--gang", type=int, default=0,
+                    help="on Ray, each session host a gang of N worker actors (a device each; 0: no gangs)")
     ev.add_argument("--ray-address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS)")
     rep = commands.add_parser("report", help="Markdown table and plot of an eval folder")
     rep.add_argument("out", type=Path, help="the folder given to hogwild eval --out")
@@ -235,7 +237,7 @@ def _eval(args: argparse.Namespace) -> int:
     in_job = bool(os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_ADDRESS"))
     _quiet_transformers()
     report = evaluate(checked, concurrency=args.concurrency, hosts=args.hosts, address=args.ray_address,
-                      use_ray=args.ray or in_job)
+                      use_ray=args.ray or in_job, gang=args.gang)
     print(report.read_text(encoding="utf-8"))
     print(f"report: {report}\nplot: {report.parent / 'accuracy.png'}\nresults: {args.out / 'results.jsonl'}")
     return 0

@@ -1,10 +1,13 @@
-"""Where problems run: one session host in this process, or one per device on a Ray cluster.
+"""Where problems run: one session host in this process, one per device on a Ray cluster, or one
+per gang of worker actors on a Ray cluster.
 
 ``EvalWorker`` owns a model, an engine and a started ``SessionHost``; ``run`` solves one
 (problem, method) and may be called from many threads at once, so that many sessions share each
 forward. ``LocalExecutor`` runs items on one worker with a thread per item in flight;
 ``RayExecutor`` starts one ``EvalWorker`` actor per device (GPU, else CPU slot) and keeps
-``concurrency`` items in flight on each. Both yield result lines as they finish.
+``concurrency`` items in flight on each. ``GangExecutor`` runs ``cluster.gang.GangHost`` hosts
+from this process, each on a gang of N worker actors (a session's workers spread over its gang).
+All yield result lines as they finish.
 """
 
 from __future__ import annotations
@@ -113,13 +116,75 @@ class RayExecutor:
             raise HogwildError(f"an evaluation host died ({str(err).splitlines()[0]}); rerun to resume") from None
 
 
+class GangExecutor:
+    """``hosts`` gang hosts (``cluster.gang.GangHost``), each on ``gang`` worker actors of the Ray
+    cluster (one device each), driven from this process; ``concurrency`` items in flight per gang.
+    Without ``hosts``: one gang per ``gang`` GPUs of the cluster, at least one."""
+
+    def __init__(self, settings: EvalSettings, concurrency: int, gang: int, hosts: int = 0,
+                 address: str | None = None) -> None:
+        import ray
+
+        from cluster.gang import GangHost
+        from cluster.ray_session import RayConfig
+        from cluster.session import open_model_info
+        from workers.actor import EngineSpec, ModelSpec
+
+        info = open_model_info(settings.model)  # the driver needs the tokenizer, not the weights
+        self.codec, self.max_context = codec_for(info.tokenizer, info.config.vocab_size), info.max_context
+        if not ray.is_initialized():
+            ray.init(address=address, log_to_driver=False)
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        count = hosts or max(gpus // gang, 1)
+        spec = EngineSpec(ModelSpec(settings.model), pool=PoolConfig(tokens=settings.kv_tokens))
+        self.settings, self.concurrency = settings, concurrency
+        self.hosts: list[GangHost] = []
+        try:
+            for _ in range(count):
+                self.hosts.append(GangHost(RayConfig((1,) * gang, address=address), spec).start())
+        except BaseException:
+            self.close()
+            raise
+        self.where = (f"{count} Ray gang host(s) of {gang} worker actor(s) ({'1 GPU' if gpus else '1 CPU'} each), "
+                      f"{concurrency} problems in flight each")
+
+    def run(self, items: Sequence[Item]) -> Iterator[dict[str, Any]]:
+        todo, load = deque(items), [0] * len(self.hosts)
+        with ThreadPoolExecutor(len(self.hosts) * self.concurrency, thread_name_prefix="hogwild-eval") as pool:
+            running: dict[Future, int] = {}
+            try:
+                while todo or running:
+                    while todo and len(running) < len(self.hosts) * self.concurrency:
+                        at = min(range(len(self.hosts)), key=load.__getitem__)  # the least loaded gang
+                        load[at] += 1
+                        running[pool.submit(run_problem, self.hosts[at], self.codec, self.max_context,
+                                            *todo.popleft(), self.settings)] = at
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        load[running.pop(future)] -= 1
+                        yield future.result()
+            finally:
+                todo.clear()
+                self.close()  # ends the sessions in flight, so their threads return
+
+    def close(self) -> None:
+        for host in self.hosts:
+            host.close()
+        self.hosts = []
+
+
 def make_executor(settings: EvalSettings, concurrency: int, hosts: int = 0, address: str | None = None,
-                  use_ray: bool = False):
-    """A ``RayExecutor`` when asked to (or ``hosts`` > 0, or an address), else a ``LocalExecutor``."""
+                  use_ray: bool = False, gang: int = 0):
+    """A ``GangExecutor`` when ``gang`` > 0; a ``RayExecutor`` when asked to (or ``hosts`` > 0, or an
+    address); else a ``LocalExecutor``."""
     if concurrency < 1:
         raise ConfigError(f"--concurrency must be >= 1, got {concurrency}")
     if hosts < 0:
         raise ConfigError(f"--hosts must be >= 0 (0: one per device), got {hosts}")
+    if gang < 0:
+        raise ConfigError(f"--gang must be >= 0 (0: one host actor per device, no gangs), got {gang}")
+    if gang:
+        return GangExecutor(settings, concurrency, gang, hosts, address)
     if use_ray or hosts or address:
         return RayExecutor(settings, concurrency, hosts, address)
     return LocalExecutor(settings, concurrency)

@@ -47,7 +47,7 @@ def plan(source: str, kinds: Sequence[str], workers: Sequence[int], settings: Ev
 
 
 def evaluate(plan: EvalPlan, *, concurrency: int = 8, hosts: int = 0, address: str | None = None,
-             use_ray: bool = False, stream: TextIO | None = None) -> Path:
+             use_ray: bool = False, stream: TextIO | None = None, gang: int = 0) -> Path:
     """Run what is left of ``plan``; returns the report's path."""
     folder = ResultsDir(plan.out)
     done = folder.open(plan.config())
@@ -55,7 +55,7 @@ def evaluate(plan: EvalPlan, *, concurrency: int = 8, hosts: int = 0, address: s
     total = len(plan.problems) * len(plan.methods)
     progress = Progress(total, total - len(items), stream)
     if items:
-        executor = make_executor(plan.settings, concurrency, hosts, address, use_ray)
+        executor = make_executor(plan.settings, concurrency, hosts, address, use_ray, gang)
         progress.note(f"{len(items)} of {total} (problem, method) runs left, on {executor.where}")
         try:
             for record in executor.run(items):
