@@ -93,6 +93,31 @@ def test_resume_in_a_fresh_process_through_the_cli(tmp_path, sampling):
         assert got[key] == want[key], key
 
 
+@pytest.mark.slow
+@pytest.mark.ray
+def test_resume_on_actors_in_a_fresh_process_through_the_cli(tmp_path):
+    """``hogwild run --actors 2 --save`` is killed after its first save; ``hogwild run --actors 2
+    --resume`` in a new process prints the result of an uninterrupted run on 2 actors (seeded)."""
+    args = ["--max-steps", "40", "--json", "--temperature", "0.8", "--seed", "3", "--actors", "2"]
+    reference = hogwild("run", PROBLEM, *args)
+    want, err = reference.communicate(timeout=300)
+    assert reference.returncode == 0, err
+    path = tmp_path / "s.hwkv"
+    saving = hogwild("run", PROBLEM, *args, "--save", str(path), "--save-every", "8")
+    deadline = time.monotonic() + 300
+    while not path.exists() and saving.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    saving.kill()  # its Ray and actors go with it (a local Ray started by that process)
+    saving.communicate()
+    assert path.exists(), "the session was never saved"
+    resumed = hogwild("run", "--resume", str(path), "--json", "--actors", "2")
+    got, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    want, got = json.loads(want), json.loads(got)
+    for key in ("answer", "reason", "workers", "transcript", "steps"):
+        assert got[key] == want[key], key
+
+
 @pytest.mark.parametrize("args, match", [
     (["run", "2+2?", "--actors", "-1", "--save", "s.hwkv"], "--actors must be >= 0"),
     (["run", "2+2?", "--actors", "2", "--resume", "s.hwkv"], "leave out the problem"),
