@@ -9,9 +9,10 @@ admissions, the same rounds, one forward per round over all sessions' rows, whos
 over the actors (worker w on rank w % actors) and whose new K/V entries travel in one exchange per
 layer. The driver never sits in the per-token loop: each call (``host_round``) hands every actor
 the same submissions and cancellations, in one order, and runs up to ``rounds_per_call`` rounds;
-rank 0's events come back and are dispatched to the handles. A lost actor is recovered (a new
-gang replays the open sessions, see ``GangHost``); any other failure ends every open session with
-the error (``cluster.ray_session`` names the actor) and closes the gang.
+rank 0's events come back and are dispatched to the handles. A lost actor or CacheService is
+recovered (the sessions restored from the service's last checkpoint, see ``GangHost``); any other
+failure ends every open session with the error (``cluster.ray_session`` names the actor) and
+closes the gang.
 """
 
 from __future__ import annotations
@@ -94,8 +95,8 @@ class GangWorker(WorkerActor):
 
     def host_round(self, commands: Sequence[tuple], rounds: int, checkpoint: bool = False,
                    snapshot: bytes | None = None) -> dict:
-        """Optionally restore the cache from ``snapshot`` (a new gang, or a lost CacheService), and
-        checkpoint the state before this call (rank 0, to the CacheService); apply
+        """Optionally restore the cache from ``snapshot`` (a new gang, or a lost CacheService), or
+        checkpoint the state before this call (to the CacheService, through rank 0); apply
         ``("submit", id, program, sampling, mode)`` / ``("resume", id, program, sampling, mode,
         saved)`` / ``("cancel", id)`` in order, then run up to ``rounds`` host rounds (fewer when
         idle). Rank 0 returns ``events`` [(id, event)], ``ended`` [(id, error or None)], ``waiting``
