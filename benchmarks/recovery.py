@@ -17,6 +17,7 @@ the checkpoint fetched and loaded into the new service) and the message. Variant
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
 import time
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     name = "tiny llama" if args.tiny else source
     print(f"model={name} workers=2 actors=2 kill_at={args.kill_at} prompt_tokens={len(program.prompt_ids)} "
-          f"cores={len(__import__('os').sched_getaffinity(0))}")
+          f"cores={len(os.sched_getaffinity(0))}")
     print(f"{'variant':8} | kill -> next event s | recovered in s | message")
     try:
         for _ in range(args.repeats):
