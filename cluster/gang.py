@@ -130,7 +130,7 @@ class GangWorker(WorkerActor):
         if self.placement.rank != 0:
             return {"events": [], "ended": [], "waiting": 0, "service_lost": None}
         self._flush()
-        lost = self.recorder.poll() if self.recorder is not None else "no cache service"
+        lost = self.recorder.poll() if self.recorder is not None else None
         return {"events": events, "ended": ended, "waiting": len(self.host.waiting), "service_lost": lost}
 
     def _new_host(self, snapshot: bytes | None) -> None:
@@ -317,7 +317,9 @@ class GangHost(RoundHost):
     # ---- recovery ----------------------------------------------------------------------------
     def _start_gang(self) -> RaySession:
         session = RaySession(self.config, self.spec, actor_class=GangWorker, salvage=True, group=self.group).start()
-        if self.snapshot_file is not None:
+        if not self.checkpoint_every:  # nothing to restore from: the service need not mirror the sessions
+            session.call("attach_service", None)
+        elif self.snapshot_file is not None:
             session.configure_service(str(self.snapshot_file), self.snapshot_every_s)
         return session
 

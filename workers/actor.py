@@ -222,9 +222,9 @@ class WorkerActor:
                                            self.recorder)
 
     def attach_service(self, service: Any) -> None:
-        """Report to a new CacheService (rank 0; the previous one was lost)."""
+        """Report to a new CacheService (rank 0; the previous one was lost), or to none (None)."""
         if self.placement.rank == 0:
-            self.recorder = ServiceRecorder(service)
+            self.recorder = ServiceRecorder(service) if service is not None else None
             self.backend.recorder = self.recorder
 
     @property
