@@ -89,6 +89,9 @@ class _Replica:
     def decode(self, groups: Sequence[Any], prefills: Sequence[Any] = ()) -> list[list[int]]:
         return self.backend.decode(groups, prefills)
 
+    def share_prefix(self, block: int, tokens: Sequence[int]) -> int:
+        return self.backend.share_prefix(block, tokens)
+
 
 class GangWorker(WorkerActor):
     """A worker actor that also runs a session host over its replica (driven by ``GangHost``)."""

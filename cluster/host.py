@@ -411,7 +411,7 @@ class SessionHost(RoundHost):
 
     def _start_prompt(self, live: _Live, cold: set[tuple[int, ...]]) -> bool:
         """Before a prompt's first chunk (a prefill with no context): start its block with the cached
-        pages of its prefix (``KVStore.share_prefix``), done at once when they hold all of it.
+        pages of its prefix (``Replica.share_prefix``), done at once when they hold all of it.
         ``cold``: the first pages of prompts that start this round with nothing cached; a prompt
         that begins with one of them waits a round to share what that one writes. False: it waits."""
         prompt = live.pending
@@ -420,7 +420,7 @@ class SessionHost(RoundHost):
         head = tuple(prompt.tokens[: self.page_size])
         if head in cold:
             return False
-        live.written = self.engine.store.share_prefix(prompt.block, prompt.tokens)
+        live.written = self.replica.share_prefix(prompt.block, prompt.tokens)
         if not live.written:
             cold.add(head)
         elif live.written == len(prompt.tokens):

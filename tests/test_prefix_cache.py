@@ -9,10 +9,13 @@ import torch
 from cache_service.errors import LayoutError, PoolExhaustedError
 from cache_service.kv_store import KVStore, PoolConfig
 from cache_service.prefix_cache import PrefixCache
+from cache_service.service import Wrote
 from cluster.events import Tick
 from cluster.host import SessionHost
 from tests.test_host import GREEDY, host, program, tiny  # noqa: F401 (a fixture)
+from workers.distributed import DistributedBackend, Placement
 from workers.engine import HogwildEngine
+from workers.exchange import Collective
 
 PAGE = 4
 
@@ -192,3 +195,36 @@ def test_a_block_with_its_own_copy_of_a_cached_page_extends_no_chain():
     store.free(first)
     blocks = [store.new_block(4) for _ in range(store.free_pages)]  # every page not held by the second block
     assert len(blocks) == 13 and store.cached_pages == 0
+
+
+class _Records:
+    """A recorder that keeps what it is told."""
+
+    def __init__(self) -> None:
+        self.records: list = []
+
+    def record(self, record) -> None:
+        self.records.append(record)
+
+    def flush(self, wait: bool = False) -> None:
+        pass
+
+
+def test_a_gang_actor_records_the_shared_prefix_as_the_prompts_first_tokens(tiny):
+    """The CacheService's log of a prompt block holds its whole prompt, shared pages included."""
+    recorder = _Records()
+    backend = DistributedBackend(HogwildEngine(tiny, pool=PoolConfig(tokens=1 << 14)), GREEDY, Placement((2,), 0),
+                                 Collective(0, 1, torch.device("cpu")), recorder)
+    h = SessionHost(backend)
+    prog = program(tiny, "What is 2 + 3?")
+    h.submit(prog, GREEDY).result()
+    recorder.records.clear()
+    second = h.submit(prog, GREEDY)
+    while not any(isinstance(r, Wrote) for r in recorder.records):
+        h.step()
+    first = recorder.records[0]
+    assert first.tokens == prog.prompt_ids[: len(first.tokens)] and len(first.tokens) >= h.page_size
+    assert first.entries is not None and first.entries.shape[3] == len(first.tokens)
+    prompt = [t for r in recorder.records if isinstance(r, Wrote) and r.block == first.block for t in r.tokens]
+    assert prompt == list(prog.prompt_ids)
+    second.result()

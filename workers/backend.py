@@ -55,6 +55,8 @@ class Replica(Protocol):
 
     def decode(self, groups: Sequence[DecodeGroup], prefills: Sequence[PrefillChunk] = ()) -> list[list[int]]: ...
 
+    def share_prefix(self, block: int, tokens: Sequence[int]) -> int: ...
+
 
 class Backend(Protocol):
     """Shared-cache operations of one session; row i of a step is worker ``workers[i]``."""
@@ -118,6 +120,10 @@ class LocalBackend:
 
     def commit(self, step_block: int, into: int) -> None:
         self.engine.commit(step_block, into)
+
+    def share_prefix(self, block: int, tokens: Sequence[int]) -> int:
+        """Start the empty prompt ``block`` with cached pages (``KVStore.share_prefix``)."""
+        return self.engine.store.share_prefix(block, tokens)
 
 
 def sample_groups(logits: torch.Tensor, groups: Sequence[DecodeGroup]) -> list[list[int]]:

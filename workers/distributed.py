@@ -144,6 +144,15 @@ class DistributedBackend:
             store.append(block, entries)
         self._wrote(block, tokens, entries, mirror=before == 0 or block in self.mirrored)
 
+    def share_prefix(self, block: int, tokens: Sequence[int]) -> int:
+        """``KVStore.share_prefix`` on this actor's store (every actor alike); the recorder hears of
+        the tokens (and their K/V) the block now starts with, as if they had been prefilled."""
+        shared = self.engine.store.share_prefix(block, tokens)
+        if shared:
+            entries = self.engine.store.read(block) if self.recorder is not None else None
+            self._wrote(block, tokens[:shared], entries, mirror=True)
+        return shared
+
     def step(self, rows: Rows, workers: Sequence[int], *, greedy: bool = False,
              suppress: Sequence[int] = (), recent: Sequence[Sequence[int]] = ()) -> list[int]:
         """One token per row, sampled where the row's worker lives, known to every actor."""
