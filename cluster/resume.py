@@ -35,8 +35,8 @@ from cluster.events import Event
 from cluster.layouts import Layout
 from cluster.protocol import Decode, Prefill, Program, ProtocolConfig, check_problem
 from cluster.prompts import Templates
-from cluster.session import SessionConfig, open_model, open_model_info
-from cluster.transcript import SessionResult, TranscriptBuilder
+from cluster.session import EventStream, SessionConfig, open_model, open_model_info
+from cluster.transcript import TranscriptBuilder
 from workers.backend import LocalBackend
 from workers.engine import HogwildEngine
 from workers.model import LoadedModel
@@ -47,7 +47,7 @@ PROTOCOL_FIELDS = ("workers", "layout", "max_steps", "max_step_tokens", "check_e
                    "checkpoints")
 
 
-class SavedSession:
+class SavedSession(EventStream):
     """A session in this process that saves itself every ``every`` decode steps (when ``save_to``)."""
 
     def __init__(self, program: Program, config: SessionConfig, lm: LoadedModel, *, save_to: str | Path | None,
@@ -69,7 +69,7 @@ class SavedSession:
             self.steps = self.run.resume(state.protocol)
         self.resumed_at = state.steps if snapshot is not None else 0  # decode steps done before
         self.builder = TranscriptBuilder(program.problem, time.perf_counter())
-        self._stream: Iterator[Event] | None = None
+        self._stream = None
         self._saved_at = self.resumed_at
 
     @classmethod
@@ -98,17 +98,6 @@ class SavedSession:
                           lm.info.max_context)
         past = [event_from(d) for d in meta["events"]]
         return cls(program, config, lm, save_to=save_to, every=every, past=past, snapshot=snapshot)
-
-    # ---- the Session interface ---------------------------------------------------------------
-    def events(self) -> Iterator[Event]:
-        if self._stream is None:
-            self._stream = self._run()
-        return self._stream
-
-    def result(self) -> SessionResult:
-        for _ in self.events():
-            pass
-        return self.builder.result()
 
     def _run(self) -> Iterator[Event]:
         for event in self.past:  # what the saved run reported: the view and transcript see it again
@@ -149,7 +138,7 @@ class SavedSession:
         return KVSnapshot(capture(store), max(store.blocks, default=-1) + 1, meta).save(path)
 
 
-class RaySavedSession:
+class RaySavedSession(EventStream):
     """``SavedSession`` on a gang of Ray worker actors (``hogwild run --actors N --save/--resume``).
     The gang checkpoints its session to the CacheService every call; every ``every`` decode steps
     the latest checkpoint is written to ``save_to`` as a session file (the same format as
@@ -167,7 +156,7 @@ class RaySavedSession:
         self.snapshot, self.saved = snapshot, saved
         self.resumed_at = RunState.from_dict(saved["run"]).steps if saved else 0
         self.builder = TranscriptBuilder(program.problem, time.perf_counter())
-        self._stream: Iterator[Event] | None = None
+        self._stream = None
 
     @classmethod
     def new(cls, problem: str, config: SessionConfig, actors: int, *, save_to: str | Path | None, every: int,
@@ -191,16 +180,6 @@ class RaySavedSession:
         saved = {"run": meta["run"], "blocks": sorted(snapshot.blocks), "events": len(past)}
         return cls(_program(meta["problem"], config, lm), config, actors, save_to=save_to, every=every, past=past,
                    snapshot=blob, saved=saved, options=options, model=model)
-
-    def events(self) -> Iterator[Event]:
-        if self._stream is None:
-            self._stream = self._run()
-        return self._stream
-
-    def result(self) -> SessionResult:
-        for _ in self.events():
-            pass
-        return self.builder.result()
 
     def close(self) -> None:
         """Stop the session (its gang is removed); a saved file stays."""

@@ -83,7 +83,30 @@ def _open(name: str, loader: Callable[[str], T]) -> T:
         raise ConfigError(f"cannot load model {name!r}: {reason}") from None
 
 
-class Session:
+class EventStream:
+    """One stream of a session's events, shared by all callers, and its result: subclasses give
+    ``_run`` (the events) and ``builder`` (the transcript the result is read from)."""
+
+    builder: TranscriptBuilder
+    _stream: Iterator[Event] | None = None
+
+    def events(self) -> Iterator[Event]:
+        """The session's events as they happen (one stream per session, shared by all callers)."""
+        if self._stream is None:
+            self._stream = self._run()
+        return self._stream
+
+    def result(self) -> SessionResult:
+        """Run to the end (if not yet done) and return the result."""
+        for _ in self.events():
+            pass
+        return self.builder.result()
+
+    def _run(self) -> Iterator[Event]:
+        raise NotImplementedError
+
+
+class Session(EventStream):
     """One problem solved by N workers; events stream once, the result is built from them."""
 
     def __init__(
@@ -105,23 +128,10 @@ class Session:
         self.program = Program(problem, self.config.protocol, codec, info.max_context)
         self.backend_factory = backend_factory
         self.runner = runner
-        self._builder = TranscriptBuilder(self.program.problem, time.perf_counter())
-        self._stream: Iterator[Event] | None = None
-
-    def events(self) -> Iterator[Event]:
-        """The session's events as they happen (one stream per session, shared by all callers)."""
-        if self._stream is None:
-            self._stream = self._run()
-        return self._stream
-
-    def result(self) -> SessionResult:
-        """Run to the end (if not yet done) and return the result."""
-        for _ in self.events():
-            pass
-        return self._builder.result()
+        self.builder = TranscriptBuilder(self.program.problem, time.perf_counter())
 
     def _run(self) -> Iterator[Event]:
-        self._builder.started_at = time.perf_counter()
+        self.builder.started_at = time.perf_counter()
         if self.runner is not None:
             events = self.runner(self.program, self.config)
         elif self.backend_factory is not None:
@@ -130,5 +140,5 @@ class Session:
             host = SessionHost(HogwildEngine(self.lm, pool=self.config.pool))
             events = host.submit(self.program, self.config.sampling, self.config.mode).events()
         for event in events:
-            self._builder.add(event, time.perf_counter())
+            self.builder.add(event, time.perf_counter())
             yield event

@@ -67,13 +67,9 @@ def hogwild(*args: str, **popen) -> subprocess.Popen:
     return subprocess.Popen(command + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sampling", [["--temperature", "0"], ["--temperature", "0.8", "--seed", "3"]],
-                         ids=["greedy", "seeded"])
-def test_resume_in_a_fresh_process_through_the_cli(tmp_path, sampling):
-    """``hogwild run --save`` is killed after its first save; ``hogwild run --resume`` in a new
-    process prints the result of an uninterrupted run."""
-    args = ["--max-steps", "40", "--json", *sampling]
+def _killed_after_first_save_then_resumed(tmp_path, args: list[str], resume: list[str]) -> None:
+    """``hogwild run ... --save`` is killed after its first save; ``hogwild run --resume`` (with
+    ``resume``) in a new process prints the result of an uninterrupted run with ``args``."""
     reference = hogwild("run", PROBLEM, *args)
     want, err = reference.communicate(timeout=300)
     assert reference.returncode == 0, err
@@ -82,40 +78,30 @@ def test_resume_in_a_fresh_process_through_the_cli(tmp_path, sampling):
     deadline = time.monotonic() + 300
     while not path.exists() and saving.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    saving.kill()
+    saving.kill()  # a local Ray that process started goes with it, and its actors
     saving.communicate()
     assert path.exists(), "the session was never saved"
-    resumed = hogwild("run", "--resume", str(path), "--json")
+    resumed = hogwild("run", "--resume", str(path), "--json", *resume)
     got, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     want, got = json.loads(want), json.loads(got)
     for key in ("answer", "reason", "workers", "transcript", "steps"):
         assert got[key] == want[key], key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampling", [["--temperature", "0"], ["--temperature", "0.8", "--seed", "3"]],
+                         ids=["greedy", "seeded"])
+def test_resume_in_a_fresh_process_through_the_cli(tmp_path, sampling):
+    _killed_after_first_save_then_resumed(tmp_path, ["--max-steps", "40", "--json", *sampling], [])
 
 
 @pytest.mark.slow
 @pytest.mark.ray
 def test_resume_on_actors_in_a_fresh_process_through_the_cli(tmp_path):
-    """``hogwild run --actors 2 --save`` is killed after its first save; ``hogwild run --actors 2
-    --resume`` in a new process prints the result of an uninterrupted run on 2 actors (seeded)."""
+    """The same on 2 actors (seeded), saved and resumed in separate processes."""
     args = ["--max-steps", "40", "--json", "--temperature", "0.8", "--seed", "3", "--actors", "2"]
-    reference = hogwild("run", PROBLEM, *args)
-    want, err = reference.communicate(timeout=300)
-    assert reference.returncode == 0, err
-    path = tmp_path / "s.hwkv"
-    saving = hogwild("run", PROBLEM, *args, "--save", str(path), "--save-every", "8")
-    deadline = time.monotonic() + 300
-    while not path.exists() and saving.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    saving.kill()  # its Ray and actors go with it (a local Ray started by that process)
-    saving.communicate()
-    assert path.exists(), "the session was never saved"
-    resumed = hogwild("run", "--resume", str(path), "--json", "--actors", "2")
-    got, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err
-    want, got = json.loads(want), json.loads(got)
-    for key in ("answer", "reason", "workers", "transcript", "steps"):
-        assert got[key] == want[key], key
+    _killed_after_first_save_then_resumed(tmp_path, args, ["--actors", "2"])
 
 
 @pytest.mark.parametrize("args, match", [
