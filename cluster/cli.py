@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 from cache_service.errors import ConfigError, HogwildError
+from cluster.protocol import RECENT_TOKENS
 
 EXIT_ERROR = 2
 EXIT_BUG = 1
@@ -43,17 +44,8 @@ def build_parser(extra: Mapping[str, Command] | None = None) -> argparse.Argumen
     run.add_argument("problem", nargs="?", default=None, help="the problem to solve (none with --resume)")
     run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     run.add_argument("--workers", type=int, default=2, help="number of workers, 1..8 (default 2)")
-    run.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a model path")
     run.add_argument("--max-steps", type=int, default=256, help="decode steps, one token per worker each")
-    run.add_argument("--max-step-tokens", type=int, default=128, help="longest step before it is cut")
-    run.add_argument("--check-every", type=int, default=64, help="redundancy check every N tokens (0: off)")
-    run.add_argument("--layout", default="combined", help="combined | contiguous | interleaved")
-    run.add_argument("--mode", default="instant", help="instant | lagged")
-    run.add_argument("--temperature", type=float, default=0.6, help="0 for greedy")
-    run.add_argument("--top-p", type=float, default=0.95)
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--repetition-penalty", type=float, default=1.1,
-                     help="divides the logits of each worker's last 64 tokens (1: off; default 1.1)")
+    _add_generation(run)
     run.add_argument("--kv-tokens", type=int, default=None,
                      help="KV pool size in tokens (default: 32k on CPU, 90%% of free GPU memory on CUDA)")
     run.add_argument("--kv-memory-fraction", type=float, default=None,
@@ -78,6 +70,21 @@ def build_parser(extra: Mapping[str, Command] | None = None) -> argparse.Argumen
     return parser
 
 
+def _add_generation(parser: argparse.ArgumentParser) -> None:
+    """The model, protocol and sampling options that ``run`` and ``eval`` share."""
+    parser.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a model path")
+    parser.add_argument("--max-step-tokens", type=int, default=128, help="longest step before it is cut")
+    parser.add_argument("--check-every", type=int, default=64, help="redundancy check every N tokens (0: off)")
+    parser.add_argument("--layout", default="combined", help="combined | contiguous | interleaved")
+    parser.add_argument("--mode", default="instant", help="instant | lagged")
+    parser.add_argument("--temperature", type=float, default=0.6, help="0 for greedy")
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.1,
+                        help=f"divides the logits of each worker's last {RECENT_TOKENS} sampled tokens "
+                             "(1: off; default 1.1)")
+
+
 def _add_eval(commands) -> None:
     ev = commands.add_parser("eval", help="accuracy vs sequential steps: hogwild vs single vs independent")
     ev.add_argument("data", help="a JSONL file of {id, question, answer}, or builtin:N[:SEED] word problems")
@@ -89,16 +96,7 @@ def _add_eval(commands) -> None:
     ev.add_argument("--budgets", nargs="+", type=int, default=[64, 128, 256],
                     help="decode-step budgets; all read from one run per method")
     ev.add_argument("--limit", type=int, default=None, help="only the first N problems")
-    ev.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a model path")
-    ev.add_argument("--temperature", type=float, default=0.6, help="0 for greedy")
-    ev.add_argument("--top-p", type=float, default=0.95)
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--repetition-penalty", type=float, default=1.1,
-                    help="divides the logits of each worker's last 64 tokens (1: off; default 1.1)")
-    ev.add_argument("--max-step-tokens", type=int, default=128, help="longest step before it is cut")
-    ev.add_argument("--check-every", type=int, default=64, help="redundancy check every N tokens (0: off)")
-    ev.add_argument("--layout", default="combined", help="combined | contiguous | interleaved")
-    ev.add_argument("--mode", default="instant", help="instant | lagged")
+    _add_generation(ev)
     ev.add_argument("--kv-tokens", type=int, default=None, help="KV pool of each host, in tokens")
     ev.add_argument("--concurrency", type=int, default=8, help="problems in flight per host (default 8)")
     ev.add_argument("--ray", action="store_true", help="run on Ray (automatic inside a Ray job)")

@@ -13,7 +13,7 @@ def in_code_block(text: str) -> bool:
 
 
 def step_ended(text: str, step_end: re.Pattern) -> bool:
-    """A step ends where ``step_end`` matches its end (a finished paragraph), never inside code."""
+    """A step ends where ``step_end`` matches its end (by default a finished line), never inside code."""
     return not in_code_block(text) and step_end.search(text) is not None
 
 

@@ -19,8 +19,8 @@ SYSTEM = (
     "You are one of {count} assistants ({names}) solving the user's problem together. "
     "You share one workspace: whatever any of you writes, the others see at once, while it is "
     "being written. {layout_help}\n\n"
-    "Work in short steps. A step is one paragraph: it starts with your name and the step number, "
-    "like \"{example}\", and ends with a blank line. Before you start on something, look at what "
+    "Work in short steps. A step is one line: it starts with your name and the step number, "
+    "like \"{example}\", and ends where the line ends. Before you start on something, look at what "
     "the others are doing. If someone already does it, do not repeat it: take another part of the "
     "problem, check their result, or try a different method. Once the problem is solved, write "
     "the final answer inside \\boxed{{}}."
@@ -37,7 +37,10 @@ LAYOUT_HELP = {
                    "once it is finished.",
 }
 
-STEP_END = r"[.!?][\"')\]*_`]*[ \t]*\n[ \t]*\n\s*$"  # a sentence end, then a blank line
+# Where a step ends, looked for in what the worker wrote after its step prefix. One line a step:
+# the default model, left to write paragraphs, opened new lines with step headers of its own (its
+# own or another worker's); ending the step there lets the protocol write the next header instead.
+STEP_END = r"\S[^\n]*\n\s*$"  # a line with something on it, then its line break
 BOXED = r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}"  # \boxed{...}, one level of nested braces
 
 
@@ -54,7 +57,7 @@ class Templates:
     own_header: str = "Now {name} continues:\n\n"
     step_prefix: str = "{name} (step {step}):"
     check: str = " Wait, is another worker already doing this? In short,"  # a sentence follows, not a list
-    step_separator: str = "\n\n"  # closes a step cut off at the token limit
+    step_separator: str = "\n"  # closes a step cut off at the token limit
     finisher: str = "\n\nTime is up. Putting together what we all found, the final answer is \\boxed{"
     step_end: str = STEP_END
     answer: str = BOXED  # group 1 is the answer

@@ -259,6 +259,7 @@ class _Worker:
     ids: list[int] = field(default_factory=list)
     feed: list[int] = field(default_factory=list)  # written at the next decode step
     text: str = ""  # decoded ids, without a trailing partial character
+    opened: int = 0  # characters of ``text`` that the step prefix took (a step end is looked for after it)
     shown: int = 0  # characters of ``text`` already reported
     closing: bool = False  # the step ends once ``feed`` is written
     quiet: bool = False  # a probe's copy: reports no text
@@ -361,7 +362,7 @@ class _Run:
         answer = find_answer(w.text, self.templates.answer_re, since=before)
         if answer is not None:
             return answer
-        if step_ended(w.text, self.templates.step_end_re):
+        if step_ended(w.text[w.opened:], self.templates.step_end_re):
             w.closing = True
         elif w.step_sampled >= self.config.max_step_tokens:
             w.closing = True
@@ -390,6 +391,7 @@ class _Run:
         w.ids, w.feed, w.text, w.shown = [], [], "", 0
         w.closing, w.step_sampled = False, 0
         yield from self._force(w, self.p.prefix_ids(w.index, w.step))
+        w.opened = len(w.text)
 
     def _force(self, w: _Worker, ids: list[int]) -> Iterator[Event]:
         """Insert protocol text into a worker's stream (written at the next decode step)."""

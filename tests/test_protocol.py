@@ -73,17 +73,32 @@ def of(events, kind):
 
 # ---- text rules ------------------------------------------------------------------------------
 @pytest.mark.parametrize("text, ends", [
-    ("It is 5.\n\n", True),
-    ("Done!\n \n", True),
-    ("So (x = 2).\n\n\n", True),
-    ("It is 5\n\n", False),  # no sentence end
-    ("It is 5.\n", False),  # no blank line yet
-    ("It is 5.\n\nAnd", False),
-    ("```\nx = 1.\n\n", False),  # inside a fenced code block
-    ("```\nx = 1\n```\nDone.\n\n", True),
+    (" It is 5.\n", True),
+    (" It is 5\n", True),  # a line, sentence end or not
+    (" Done!\n \n", True),
+    ("\n", False),  # nothing written on the line yet
+    (" \n  ", False),
+    (" It is 5.", False),  # the line goes on
+    (" It is 5.\nAnd", False),
+    ("```\nx = 1.\n", False),  # inside a fenced code block
+    ("```\nx = 1\n```\n", True),
 ])
 def test_step_end_detection(text, ends):
     assert step_ended(text, Templates().step_end_re) is ends
+
+
+def test_a_step_end_is_looked_for_after_the_step_prefix():
+    """A prefix that ends its own line is no step of its own: the worker's line ends the step
+    (before the fix, the prefix's line break ended every step at its first sampled token)."""
+    templates = Templates(step_prefix="{name} (step {step}):\n")
+    _, _, events = run([" One.\n" + FILLER + " Two.\n" + FILLER], max_steps=14, templates=templates)
+    assert [e.text for e in of(events, StepDone)] == ["Alice (step 1):\n One.\n", "Alice (step 2):\n Two.\n"]
+
+
+def test_paragraph_steps_are_a_template_away():
+    paragraphs = Templates(step_end=r"[.!?][ \t]*\n[ \t]*\n\s*$", step_separator="\n\n")
+    _, _, events = run([" One.\nTwo.\n\n" + FILLER + " Three"], max_steps=16, templates=paragraphs)
+    assert [e.text for e in of(events, StepDone)] == ["Alice (step 1): One.\nTwo.\n\n"]
 
 
 def test_answer_extraction():
@@ -155,11 +170,11 @@ def test_custom_layout_is_data():
 
 # ---- steps and commits -----------------------------------------------------------------------
 def test_steps_commit_to_common_history():
-    program, backend, events = run([" One.\n\n" + FILLER + " Two.\n\n" + FILLER, " Hi.\n\n" + FILLER],
+    program, backend, events = run([" One.\n" + FILLER + " Two.\n" + FILLER, " Hi.\n" + FILLER],
                                    max_steps=30)
     done = of(events, StepDone)
     assert [(e.worker, e.step) for e in done] == [(1, 1), (0, 1), (0, 2)]  # Bob's step is shorter
-    assert done[0].text == "Bob (step 1): Hi.\n\n"
+    assert done[0].text == "Bob (step 1): Hi.\n"
     assert all(e.committed for e in done)
     common = backend.text(0)
     texts = [e.text for e in done]
@@ -168,32 +183,32 @@ def test_steps_commit_to_common_history():
 
 
 def test_next_step_starts_with_its_prefix():
-    _, _, events = run([" A.\n\n" + FILLER + " B"], max_steps=12)
+    _, _, events = run([" A.\n" + FILLER + " B"], max_steps=12)
     text = "".join(e.text for e in of(events, Delta))
-    assert text.startswith("Alice (step 1): A.\n\nAlice (step 2): B")
+    assert text.startswith("Alice (step 1): A.\nAlice (step 2): B")
     assert [e.forced for e in of(events, Delta)][:2] == [True, False]
 
 
 def test_contiguous_keeps_steps_in_the_stream():
-    _, backend, events = run([" One.\n\n" + FILLER + " Two.", "x"], max_steps=20, layout="contiguous")
+    _, backend, events = run([" One.\n" + FILLER + " Two.", "x"], max_steps=20, layout="contiguous")
     done = of(events, StepDone)
     assert [e.committed for e in done] == [False]
     streams = [backend.text(b) for b in backend.blocks]
-    assert any(s.startswith("Alice (step 1): One.\n\nAlice (step 2): Two.") for s in streams)
+    assert any(s.startswith("Alice (step 1): One.\nAlice (step 2): Two.") for s in streams)
     assert "One." not in backend.text(0)  # nothing went to the common block
 
 
 def test_no_step_end_inside_code():
-    script = "```\nx = 1.\n\ny = 2\n```\nDone.\n\n" + FILLER
+    script = "```\nx = 1.\n\ny = 2\n```\n" + FILLER
     _, _, events = run([script], max_steps=len(script) + 5)
     done = of(events, StepDone)
-    assert len(done) == 1 and done[0].text.endswith("Done.\n\n")
+    assert [e.text for e in done] == ["Alice (step 1):```\nx = 1.\n\ny = 2\n```\n"]
 
 
 def test_long_step_is_cut_with_a_separator():
     _, _, events = run(["abcdefghijklmnop"], max_steps=10, max_step_tokens=4)
     first = of(events, StepDone)[0]
-    assert first.text == "Alice (step 1):abcd\n\n"
+    assert first.text == "Alice (step 1):abcd\n"
 
 
 def test_redundancy_check_cadence():
@@ -264,7 +279,7 @@ def test_context_limit_hands_over_to_the_finisher():
 
 # ---- events, determinism ---------------------------------------------------------------------
 def test_events_tell_the_whole_story():
-    _, _, events = run([" One.\n\n" + FILLER + " Two", " Three"], max_steps=15)
+    _, _, events = run([" One.\n" + FILLER + " Two", " Three"], max_steps=15)
     assert isinstance(events[0], Started) and events[0].workers == ("Alice", "Bob")
     ticks = of(events, Tick)
     assert [t.step for t in ticks] == list(range(1, 16))
@@ -273,9 +288,9 @@ def test_events_tell_the_whole_story():
     for i, event in enumerate(events):
         builder.add(event, float(i))
     result = builder.result()
-    assert result.workers[0].text.startswith("Alice (step 1): One.\n\nAlice (step 2): Two")
+    assert result.workers[0].text.startswith("Alice (step 1): One.\nAlice (step 2): Two")
     assert [r.finished for r in result.transcript] == [True, False, False]
-    assert result.transcript[0].text == "Alice (step 1): One.\n\n"
+    assert result.transcript[0].text == "Alice (step 1): One.\n"
 
 
 def test_program_is_picklable_and_deterministic():
