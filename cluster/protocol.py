@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 MAX_WORKERS = len(NAMES)
 CLAUSE_ENDS = tuple(".,;:!?)\n")  # a redundancy check waits for one of these ...
 CHECK_SLACK = 16  # ... for at most this many tokens
-RECENT_TOKENS = 64  # a worker's last sampled tokens, handed to the sampler (repetition penalty)
+RECENT_TOKENS = 256  # a worker's last sampled tokens, handed to the sampler (repetition penalty)
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ def test_a_penalty_without_each_rows_recent_ids_is_refused():
 
 
 def test_the_protocol_hands_each_worker_its_last_sampled_tokens(tiny):
-    prog = program(tiny, "What is 2 + 3?", max_steps=80, max_step_tokens=200)
+    prog = program(tiny, "What is 2 + 3?", max_steps=RECENT_TOKENS + 10, max_step_tokens=RECENT_TOKENS + 50)
     cache = host(tiny)
     steps, reply, seen = prog.start(cache.engine), None, []
     while True:
@@ -73,9 +73,10 @@ def test_the_protocol_hands_each_worker_its_last_sampled_tokens(tiny):
             reply = [100 + len(seen) + 1000 * w for w in item.workers] if not item.greedy else [5]
     assert seen[0] == ((), ())
     assert seen[3] == ((101, 102, 103), (1101, 1102, 1103))
-    window = seen[70]
+    last = RECENT_TOKENS + 6
+    window = seen[last]
     assert [len(r) for r in window] == [RECENT_TOKENS, RECENT_TOKENS]
-    assert window[0][-1] == 170 and window[1][0] == 1000 + 171 - RECENT_TOKENS
+    assert window[0][-1] == 100 + last and window[1][0] == 1000 + 101 + last - RECENT_TOKENS
 
 
 def test_a_penalised_session_is_the_same_alone_and_batched(tiny):
