@@ -315,7 +315,8 @@ class SessionHost(RoundHost):
             return self._forward()
 
     def _busy(self) -> bool:
-        return bool(self.live)
+        """Live sessions, or waiting ones: when the last live session ends, the next round admits them."""
+        return bool(self.live or self.waiting)
 
     def _waiting_count(self) -> int:
         return len(self.waiting)

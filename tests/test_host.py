@@ -165,6 +165,21 @@ def test_admission_queues_what_does_not_fit_and_runs_it_later(tiny):
         h.submit(too_big, GREEDY)
 
 
+def test_a_waiting_session_runs_when_every_live_one_ends_in_the_same_round(tiny):
+    """Regression: the host thread slept while sessions waited for room, once every live session
+    had ended in one round (nothing new arrived to wake it)."""
+    prog = program(tiny, PROBLEMS[0], max_steps=30)
+    pages = prog.worst_case_pages(16)
+    # room for two sessions, not three; both prompts in one chunk and no prefix cache, so the two
+    # start in the same round and end in the same round
+    with host(tiny, tokens=16 * (2 * pages + pages // 2), prefix_cache=False, prefill_chunk=4096).start() as h:
+        handles = [h.submit(prog, GREEDY) for _ in range(3)]
+        assert handles[2].done.wait(timeout=60), "the waiting session was never admitted"
+        assert h.stats()["waiting"] == 0
+    results = [x.result() for x in handles]
+    assert results[0].workers[0].text == results[2].workers[0].text  # the same greedy session
+
+
 # ---- threads and asyncio -------------------------------------------------------------------------
 def test_threads_and_asyncio(tiny):
     want = texts(run_alone(tiny, program(tiny, PROBLEMS[3])))
