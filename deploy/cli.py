@@ -54,13 +54,20 @@ def _serve(args: argparse.Namespace) -> int:
                 max_ongoing_requests=args.max_ongoing_requests, num_cpus=args.num_cpus)
     print(f"hogwild: serving {config.model} at {url}  (OpenAI API at {url}v1, Ctrl-C to stop)", flush=True)
     try:
-        while True:
-            time.sleep(3600)
+        wait_for_interrupt()
     except KeyboardInterrupt:
         print("hogwild: stopping", file=sys.stderr)
     finally:
         stop()
     return 0
+
+
+def wait_for_interrupt(poll_s: float = 0.5) -> None:
+    """Block until Ctrl-C raises ``KeyboardInterrupt``. In short sleeps: the kernel may hand SIGINT
+    to one of Ray's threads, which only flags it for the main thread, and a sleeping main thread
+    sees the flag when its sleep ends (one long sleep missed it: a serve that ignored Ctrl-C)."""
+    while True:
+        time.sleep(poll_s)
 
 
 def start(config, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,

@@ -21,6 +21,28 @@ def test_hogwild_serve_rejects_bad_options():
     assert main(["serve", "--replicas", "0"]) == 2
 
 
+WAIT_SCRIPT = """
+import signal, threading, time
+from deploy.cli import wait_for_interrupt
+
+def poke():  # SIGINT to this thread, not the main one: what the kernel may do in a Ray process
+    time.sleep(0.3)
+    signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+
+threading.Thread(target=poke).start()
+try:
+    wait_for_interrupt()
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+
+
+def test_ctrl_c_handled_by_another_thread_still_stops_the_wait():
+    """Regression: the serve CLI slept an hour at a time and missed a SIGINT taken by another thread."""
+    done = subprocess.run([sys.executable, "-c", WAIT_SCRIPT], capture_output=True, text=True, timeout=30)
+    assert done.stdout.strip() == "interrupted", done.stderr
+
+
 def test_hogwild_serve_prints_the_url_and_stops_on_ctrl_c(tmp_path):
     """The CLI on the default model: a fresh process with its own local Ray."""
     port, log = _free_port(), tmp_path / "stderr.txt"
